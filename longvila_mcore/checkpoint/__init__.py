@@ -1,0 +1,1 @@
+"""Checkpoints: distributed save / load / resume, and the HF (VILA layout) <-> Megatron mapping."""

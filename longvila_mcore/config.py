@@ -1,0 +1,128 @@
+"""Typed configuration: every knob of a run, one dataclass per component.
+
+Hydra composes `configs/` onto these dataclasses (structured configs), so an unknown key or a
+value of the wrong type is an error before anything starts. HF checkpoints are read into the same
+`ModelConfig` (see `checkpoint/hf.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LLMConfig:
+    """Qwen2 decoder dimensions (REFERENCE 1)."""
+
+    vocab_size: int = 512
+    """Rows of the embedding table (tokenizer size, possibly padded)."""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    """Grouped-query attention: query heads share these K/V heads."""
+    ffn_hidden_size: int = 128
+    rope_theta: float = 1_000_000.0
+    rope_scaling_factor: float | None = None
+    """Linear RoPE scaling: positions are divided by this factor (4.0 in the 1M release)."""
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP vision tower dimensions (REFERENCE 1)."""
+
+    image_size: int = 28
+    patch_size: int = 14
+    hidden_size: int = 32
+    num_layers: int = 3
+    """Layers in the checkpoint; the features are taken after layer `num_layers + select_layer + 1`."""
+    num_attention_heads: int = 2
+    ffn_hidden_size: int = 64
+    layer_norm_eps: float = 1e-6
+    select_layer: int = -2
+    """Which hidden state feeds the projector (-2: output of the second-to-last layer)."""
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_used_layers(self) -> int:
+        return self.num_layers + self.select_layer + 1
+
+
+@dataclass
+class ModelConfig:
+    """The composed LongVILA model: tower -> projector -> decoder."""
+
+    name: str = "longvila_tiny"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector_type: str = "mlp_downsample"
+    """Only `mlp_downsample` (REFERENCE 1) is implemented."""
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Projector tokens of one frame, without the trailing newline token."""
+        side = self.vision.num_patches_per_side
+        half = (side + 1) // 2
+        return half * half
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks of a run are split: world = tp x pp x (ulysses x ring) x dp."""
+
+    tp: int = 1
+    """Tensor parallel size (heads and MLP columns split within a node)."""
+    pp: int = 1
+    """Pipeline parallel size (layers split into stages)."""
+    ulysses: int = 1
+    """Sequence parallel, all-to-all over heads (inside a node)."""
+    ring: int = 1
+    """Sequence parallel, point-to-point ring over sequence blocks (across nodes)."""
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel degree left over by this layout; raises if it does not fit."""
+        for name in ("tp", "pp", "ulysses", "ring"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        per_replica = self.tp * self.pp * self.sp
+        if world_size % per_replica:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp x pp x ulysses x ring = "
+                f"{self.tp} x {self.pp} x {self.ulysses} x {self.ring} = {per_replica}; "
+                "change parallel.* or the number of ranks"
+            )
+        return world_size // per_replica
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise if the model's heads and layers cannot be split this way."""
+        llm, vision = model.llm, model.vision
+        if llm.num_attention_heads % self.tp or llm.num_key_value_heads % self.tp:
+            raise ValueError(
+                f"parallel.tp={self.tp} must divide the LLM's {llm.num_attention_heads} heads and "
+                f"{llm.num_key_value_heads} KV heads"
+            )
+        if vision.num_attention_heads % self.tp:
+            raise ValueError(
+                f"parallel.tp={self.tp} must divide the vision tower's "
+                f"{vision.num_attention_heads} heads"
+            )
+        heads_per_rank = llm.num_attention_heads // self.tp
+        if heads_per_rank % self.ulysses:
+            raise ValueError(
+                f"parallel.ulysses={self.ulysses} must divide the {heads_per_rank} attention heads "
+                f"per tensor-parallel rank ({llm.num_attention_heads} heads / tp {self.tp})"
+            )
+        if llm.num_layers % self.pp:
+            raise ValueError(f"parallel.pp={self.pp} must divide the LLM's {llm.num_layers} layers")

@@ -1,0 +1,1 @@
+"""The LongVILA model as Megatron-Core modules: SigLIP tower, projector, Qwen2 decoder."""

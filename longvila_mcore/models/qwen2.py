@@ -1,0 +1,127 @@
+"""The Qwen2 decoder as a Megatron-Core GPTModel.
+
+Qwen2 = GQA with q/k/v bias, no other linear bias, RMSNorm, SwiGLU MLP, RoPE (REFERENCE 1). The
+only departure from `GPTModel.forward` is RoPE: Megatron derives positions from the sequence index,
+while LongVILA needs each token's true position (packed samples restart at 0, and a
+sequence-parallel shard holds two non-adjacent chunks), so `forward` takes `position_ids`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from longvila_mcore.config import LLMConfig
+from longvila_mcore.models.specs import transformer_layer_spec
+from longvila_mcore.parallel.core_attention import PackedSamples
+
+
+def qwen2_transformer_config(
+    llm: LLMConfig, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_key_value_heads,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        kv_channels=llm.hidden_size // llm.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Weights are created on the CPU from one full-size draw and then split, so a model
+        # initialises identically whatever its tensor-parallel size.
+        use_cpu_initialization=True,
+        persist_layer_norm=False,
+        cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
+    )
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Embedding rows rounded up so tensor-parallel ranks hold equal slices."""
+    return -(-vocab_size // tp) * tp
+
+
+class Qwen2Model(GPTModel):
+    """Qwen2 decoder. `forward` maps embeddings `[s, b, h]` and true positions to logits."""
+
+    def __init__(
+        self,
+        llm: LLMConfig,
+        config: TransformerConfig,
+        backend,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec(backend, causal=True),
+            vocab_size=padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size),
+            max_sequence_length=llm.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=llm.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=llm.rope_theta,
+            seq_len_interpolation_factor=llm.rope_scaling_factor,
+        )
+        self.true_vocab_size = llm.vocab_size
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings `[s, b, h]` of `input_ids` `[b, s]`."""
+        return self.embedding(input_ids=input_ids, position_ids=None)
+
+    def rotary_freqs(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """RoPE angles `[s, b, 1, head_dim]` for each token's position (`[b, s]`)."""
+        rope = self.rotary_pos_emb
+        positions = position_ids.t().to(torch.float32)
+        if rope.seq_len_interpolation_factor is not None:
+            positions = positions / rope.seq_len_interpolation_factor
+        freqs = positions[..., None] * rope.inv_freq.to(positions.device)
+        return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+
+    def forward(
+        self,
+        decoder_input: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        packed: PackedSamples | None = None,
+    ) -> torch.Tensor:
+        """Decoder over `decoder_input` `[s, b, h]` (None on later pipeline stages).
+
+        Returns this rank's vocabulary slice of the logits `[s, b, V / tp]` on the last pipeline
+        stage (padding columns beyond the true vocabulary are -inf), else the hidden states.
+        """
+        hidden = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=None,
+            rotary_pos_emb=self.rotary_freqs(position_ids),
+            packed_seq_params=packed,
+        )
+        if not self.post_process:
+            return hidden
+        tied = self.share_embeddings_and_output_weights
+        weight = self.shared_embedding_or_output_weight() if tied else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        return self._mask_vocab_padding(logits)
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        per_rank = logits.shape[-1]
+        first = self.pg_collection.tp.rank() * per_rank
+        valid = self.true_vocab_size - first
+        if valid >= per_rank:
+            return logits
+        padding = torch.arange(max(valid, 0), per_rank, device=logits.device)
+        return logits.index_fill(-1, padding, float("-inf"))

@@ -1,0 +1,61 @@
+"""Layer specs of the tower and the decoder: which module fills each slot of a TransformerLayer.
+
+`backend` (from `runtime.spec_backend`) supplies the linear and norm modules: Megatron's local ones
+on CPU, Transformer Engine's on GPU. Norms stay separate modules (no fused norm+linear) so both
+backends share one checkpoint layout. The core attention is always ours: causal attention over
+packed samples for the decoder, bidirectional for the tower, sequence parallel when asked.
+"""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from longvila_mcore.parallel.core_attention import CoreAttention
+
+
+def transformer_layer_spec(backend, causal: bool) -> ModuleSpec:
+    """A pre-norm layer: norm -> self-attention -> residual, norm -> MLP -> residual.
+
+    The norm type (RMSNorm for Qwen2, LayerNorm for SigLIP), biases and activation come from the
+    TransformerConfig; `causal` chooses the decoder's or the tower's attention mask.
+    """
+    # Both backends then return a norm that follows `config.normalization` (WrappedTorchNorm /
+    # TENorm); rms_norm=False would pick apex's FusedLayerNorm when apex is present, which has no
+    # RMSNorm.
+    norm = backend.layer_norm(rms_norm=True, for_qk=False)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=backend.column_parallel_linear(),
+                    core_attention=CoreAttention,
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=backend.column_parallel_linear(),
+                    linear_fc2=backend.row_parallel_linear(),
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,126 @@
+"""The module in Megatron's `core_attention` slot, for the decoder and the vision tower.
+
+Megatron calls it with q/k/v `[s, b, heads, head_dim]` (RoPE already applied) and expects
+`[s, b, heads * head_dim]` back. Packed samples arrive as `PackedSamples` in `packed_seq_params`
+and never attend to each other. During generation a `KVCache` may be attached to each module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from longvila_mcore.parallel.local_attention import local_attention
+
+
+@dataclass
+class PackedSamples(PackedSeqParams):
+    """Boundaries of the samples packed into a sequence (global positions, n + 1 entries).
+
+    Megatron's tensors stay in "sbhd" layout; only our core attention reads `boundaries`.
+    """
+
+    boundaries: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        self.qkv_format = "sbhd"
+        self.boundaries = tuple(int(b) for b in self.boundaries)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, `[t, b, hkv, d]`, for one layer."""
+
+    def __init__(self):
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.key is None else self.key.shape[0]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is None:
+            self.key, self.value = key, value
+        else:
+            self.key = torch.cat([self.key, key])
+            self.value = torch.cat([self.value, value])
+        return self.key, self.value
+
+
+def _fold_batch(x: torch.Tensor) -> torch.Tensor:
+    """[s, b, h, d] -> [b * s, h, d], batch rows back to back (a view when b == 1)."""
+    s, b, h, d = x.shape
+    return x.view(s, h, d) if b == 1 else x.transpose(0, 1).reshape(b * s, h, d)
+
+
+class CoreAttention(MegatronModule):
+    """Attention over packed samples: causal for the decoder, bidirectional for the tower."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(
+                f"attention_dropout={dropout} is not supported (LongVILA trains without it); set 0"
+            )
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise ValueError(f"unsupported attention mask type {attn_mask_type}")
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.softmax_scale = softmax_scale
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError("CoreAttention takes sample boundaries (PackedSamples), not masks")
+        sq, b, hq, d = query.shape
+        causal = self.causal
+        if self.kv_cache is not None:
+            past = len(self.kv_cache)
+            if past and sq > 1:
+                raise ValueError("with a KV cache, feed the prompt once, then one token a step")
+            key, value = self.kv_cache.append(key, value)
+            causal = causal and past == 0
+        sk = key.shape[0]
+        if isinstance(packed_seq_params, PackedSamples) and packed_seq_params.boundaries:
+            bounds_q = list(packed_seq_params.boundaries)
+            bounds_k = bounds_q
+        else:
+            bounds_q, bounds_k = [0, sq], [0, sk]
+        # Batch rows become further packed samples.
+        cu_q = [r * sq + x for r in range(b) for x in bounds_q[:-1]] + [b * sq]
+        cu_k = [r * sk + x for r in range(b) for x in bounds_k[:-1]] + [b * sk]
+        out = local_attention(
+            _fold_batch(query),
+            _fold_batch(key),
+            _fold_batch(value),
+            cu_q,
+            cu_k,
+            causal,
+            self.softmax_scale,
+        )
+        if b == 1:
+            return out.view(sq, 1, hq * d)
+        return out.view(b, sq, hq * d).transpose(0, 1).contiguous()

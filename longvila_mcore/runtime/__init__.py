@@ -1,0 +1,18 @@
+"""Where the code runs: device choice, process groups, CPU support for Megatron-Core."""
+
+from longvila_mcore.runtime.device import (
+    attention_kernel,
+    default_device,
+    default_dtype,
+    spec_backend,
+)
+from longvila_mcore.runtime.distributed import init_distributed, init_model_parallel
+
+__all__ = [
+    "attention_kernel",
+    "default_device",
+    "default_dtype",
+    "init_distributed",
+    "init_model_parallel",
+    "spec_backend",
+]

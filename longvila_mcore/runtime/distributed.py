@@ -1,0 +1,79 @@
+"""Process start-up: torch.distributed from torchrun's environment, then Megatron's groups."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from longvila_mcore.config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
+    """Join the process group torchrun describes, or form a group of one.
+
+    NCCL on GPU, gloo on CPU. Without torchrun's variables this is a single process on a free
+    loopback port, so every entry point runs the same code with or without a launcher.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def init_model_parallel(parallel: ParallelConfig) -> int:
+    """Create Megatron's tp / pp / cp / dp groups for this layout; returns the data-parallel size.
+
+    The sequence-parallel group (ulysses x ring) is Megatron's context-parallel group. Its
+    hierarchical sub-groups are the Ulysses groups (contiguous ranks, level 0) and the ring groups
+    (strided by ulysses, level 1), which `parallel.groups` picks up.
+    """
+    world = dist.get_world_size()
+    dp = parallel.data_parallel_size(world)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.sp,
+        hierarchical_context_parallel_sizes=[parallel.ulysses, parallel.ring],
+        # On gloo the "gloo copies" of each group would be duplicates of the groups themselves.
+        create_gloo_process_groups=dist.get_backend() != "gloo",
+    )
+    if dist.get_rank() == 0:
+        log.info(
+            "parallel layout: world %d = tp %d x pp %d x ulysses %d x ring %d x dp %d",
+            world,
+            parallel.tp,
+            parallel.pp,
+            parallel.ulysses,
+            parallel.ring,
+            dp,
+        )
+    return dp

@@ -1,0 +1,15 @@
+import pytest
+import torch
+
+import longvila_mcore  # noqa: F401  (installs Megatron-Core's CPU support first)
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """A one-process gloo group with Megatron's model-parallel state (all sizes 1)."""
+    from longvila_mcore.config import ParallelConfig
+    from longvila_mcore.runtime import init_distributed, init_model_parallel
+
+    init_distributed(torch.device("cpu"))
+    init_model_parallel(ParallelConfig())
+    yield
