@@ -1,0 +1,1 @@
+"""Data: video decoding, chat template and labels, packing, webdataset pipelines, synthetic data."""
