@@ -46,6 +46,9 @@ class VisionConfig:
     """Which hidden state feeds the projector (-2: output of the second-to-last layer)."""
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    use_head: bool = False
+    """The checkpoint holds SigLIP's attention-pooling head (`vision_model.head.*`; HF's
+    `vision_use_head`, which defaults to True). It is never used, only kept for the round trip."""
 
     @property
     def num_patches_per_side(self) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from longvila_mcore.config import LLMConfig
+from longvila_mcore.config import LLMConfig, VisionConfig
 
 
 def tiny_llm_config(**overrides) -> LLMConfig:
@@ -52,3 +52,48 @@ def hf_qwen2(llm: LLMConfig, seed: int = 0) -> Qwen2ForCausalLM:
             if "norm" in name or name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
     return model
+
+
+def tiny_vision_config(**overrides) -> VisionConfig:
+    """4 x 4 patches of 4 px; 3 layers of which the first 2 are used (select_layer -2)."""
+    base = dict(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_layers=3,
+        num_attention_heads=4,
+        ffn_hidden_size=48,
+    )
+    base.update(overrides)
+    return VisionConfig(**base)
+
+
+def hf_siglip(vision: VisionConfig, seed: int = 0) -> SiglipVisionModel:
+    config = SiglipVisionConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.ffn_hidden_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_attention_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=vision.layer_norm_eps,
+        vision_use_head=vision.use_head,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases (HF zeroes the attention biases)
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def released_siglip_tensors(model: SiglipVisionModel) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names of the released checkpoints.
+
+    Those were written by transformers 4.x with a `vision_model.` prefix, which transformers 5
+    drops when saving (and strips when loading).
+    """
+    return {f"vision_model.{name}": t for name, t in model.state_dict().items()}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from longvila_mcore.config import ModelConfig
+from longvila_mcore.models.projector import check_projector_type
 
 Tensor = torch.Tensor
 
@@ -142,6 +143,68 @@ def qwen2_rules(model: ModelConfig, padded_vocab: int) -> list[Rule]:
             ),
         ]
     return rules
+
+
+# Tensors of SigLIP's attention-pooling head, held unchanged under the same names (see siglip.py).
+_SIGLIP_HEAD = (
+    "probe",
+    "attention.in_proj_weight",
+    "attention.in_proj_bias",
+    "attention.out_proj.weight",
+    "attention.out_proj.bias",
+    "layernorm.weight",
+    "layernorm.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+)
+
+
+def siglip_rules(model: ModelConfig) -> list[Rule]:
+    """The vision tower, every layer included (not only the used ones), and the head if any.
+
+    HF names carry the `vision_model.` prefix of the released checkpoints (written by transformers
+    4.x); transformers 5 saves `SiglipVisionModel` without it and loads both.
+    """
+    vision = model.vision
+    c, m, h = "vision_tower", "vision_tower", "vision_model"
+    rules = [
+        Rule(f"{m}.patch_embedding.weight", c, (f"{h}.embeddings.patch_embedding.weight",)),
+        Rule(f"{m}.patch_embedding.bias", c, (f"{h}.embeddings.patch_embedding.bias",)),
+        Rule(f"{m}.position_embedding.weight", c, (f"{h}.embeddings.position_embedding.weight",)),
+        Rule(f"{m}.encoder.final_layernorm.weight", c, (f"{h}.post_layernorm.weight",)),
+        Rule(f"{m}.encoder.final_layernorm.bias", c, (f"{h}.post_layernorm.bias",)),
+    ]
+    for i in range(vision.num_layers):
+        ml, hl = f"{m}.encoder.layers.{i}", f"{h}.encoder.layers.{i}"
+        for kind in ("weight", "bias"):
+            rules += [
+                Rule(f"{ml}.input_layernorm.{kind}", c, (f"{hl}.layer_norm1.{kind}",)),
+                Rule(
+                    f"{ml}.self_attention.linear_proj.{kind}",
+                    c,
+                    (f"{hl}.self_attn.out_proj.{kind}",),
+                ),
+                Rule(f"{ml}.pre_mlp_layernorm.{kind}", c, (f"{hl}.layer_norm2.{kind}",)),
+                Rule(f"{ml}.mlp.linear_fc1.{kind}", c, (f"{hl}.mlp.fc1.{kind}",)),
+                Rule(f"{ml}.mlp.linear_fc2.{kind}", c, (f"{hl}.mlp.fc2.{kind}",)),
+            ]
+        heads = vision.num_attention_heads
+        rules += _qkv_rules(f"{ml}.self_attention", f"{hl}.self_attn", heads, heads, c)
+    if vision.use_head:
+        rules += [Rule(f"{m}.head.{name}", c, (f"{h}.head.{name}",)) for name in _SIGLIP_HEAD]
+    return rules
+
+
+def projector_rules(model: ModelConfig) -> list[Rule]:
+    """`mlp_downsample`: `layers.1` is the LayerNorm, `layers.2` and `layers.4` the Linears."""
+    check_projector_type(model)
+    return [
+        Rule(f"mm_projector.layers.{i}.{kind}", "mm_projector", (f"layers.{i}.{kind}",))
+        for i in (1, 2, 4)
+        for kind in ("weight", "bias")
+    ]
 
 
 def tensor_parallel_slice(full: Tensor, param: torch.nn.Parameter, rank: int, size: int) -> Tensor:

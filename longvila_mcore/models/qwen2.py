@@ -93,29 +93,41 @@ class Qwen2Model(GPTModel):
         freqs = positions[..., None] * rope.inv_freq.to(positions.device)
         return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
 
+    def hidden_states(
+        self,
+        decoder_input: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        packed: PackedSamples | None = None,
+    ) -> torch.Tensor:
+        """Decoder layers (and the final norm on the last pipeline stage) over `[s, b, h]`.
+
+        `decoder_input` is None on later pipeline stages, which read their input from the
+        previous stage (`set_input_tensor`).
+        """
+        return self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=None,
+            rotary_pos_emb=self.rotary_freqs(position_ids),
+            packed_seq_params=packed,
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits `[s, b, V / tp]`; padding columns beyond
+        the true vocabulary are -inf."""
+        tied = self.share_embeddings_and_output_weights
+        weight = self.shared_embedding_or_output_weight() if tied else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        return self._mask_vocab_padding(logits)
+
     def forward(
         self,
         decoder_input: torch.Tensor | None,
         position_ids: torch.Tensor,
         packed: PackedSamples | None = None,
     ) -> torch.Tensor:
-        """Decoder over `decoder_input` `[s, b, h]` (None on later pipeline stages).
-
-        Returns this rank's vocabulary slice of the logits `[s, b, V / tp]` on the last pipeline
-        stage (padding columns beyond the true vocabulary are -inf), else the hidden states.
-        """
-        hidden = self.decoder(
-            hidden_states=decoder_input,
-            attention_mask=None,
-            rotary_pos_emb=self.rotary_freqs(position_ids),
-            packed_seq_params=packed,
-        )
-        if not self.post_process:
-            return hidden
-        tied = self.share_embeddings_and_output_weights
-        weight = self.shared_embedding_or_output_weight() if tied else None
-        logits, _ = self.output_layer(hidden, weight=weight)
-        return self._mask_vocab_padding(logits)
+        """Logits on the last pipeline stage, hidden states on the others."""
+        hidden = self.hidden_states(decoder_input, position_ids, packed)
+        return self.logits(hidden) if self.post_process else hidden
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         per_rank = logits.shape[-1]
