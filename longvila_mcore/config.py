@@ -129,3 +129,27 @@ class ParallelConfig:
             )
         if llm.num_layers % self.pp:
             raise ValueError(f"parallel.pp={self.pp} must divide the LLM's {llm.num_layers} layers")
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from (webdataset shards, longvila_mcore/data/FORMAT.md)."""
+
+    name: str = "synthetic"
+    """`synthetic`: the generated dataset in the cache (made on first use) fills every empty
+    pattern below; any other name: the patterns must be set."""
+    caption: str = ""
+    """Shards of image-caption samples (stage 1), e.g. `/data/cc3m/cc3m-{000000..000599}.tar`;
+    brace ranges and globs expand, several patterns join with `::`."""
+    interleaved: str = ""
+    """Shards of interleaved image-text documents (stage 2, MMC4 / COYO style)."""
+    conversation: str = ""
+    """Shards of image or video conversations (stages 3 and 5, LLaVA style)."""
+    text: str = ""
+    """Shards of pre-tokenised text, int32 token ids (stage 4, SlimPajama)."""
+    shuffle_buffer: int = 1000
+    """Samples held in the seeded shuffle buffer (0: keep shard order within shards)."""
+    num_workers: int = 0
+    """Threads decoding samples ahead (0: in the main thread); the stream does not depend on it."""
+    cache_dir: str | None = None
+    """Base directory of the synthetic dataset; default $LONGVILA_CACHE or ~/.cache/longvila_mcore."""

@@ -1,0 +1,61 @@
+"""Packing samples into micro-batches: boundaries, padding, positions, limits."""
+
+import pytest
+import torch
+
+from longvila_mcore.data.batch import IGNORE_INDEX
+from longvila_mcore.data.packing import collate, pack, plan_micro_batches
+from longvila_mcore.data.samples import Sample
+
+PAD = 0
+
+
+def sample(length: int, frames: int = 0, tokens_per_frame: int = 2) -> Sample:
+    """Ids 100 + i; the first frames * (tokens_per_frame + 1) positions are frame tokens + "\\n"."""
+    media = torch.full((length,), -1)
+    for f in range(frames):
+        start = f * (tokens_per_frame + 1)
+        media[start : start + tokens_per_frame] = (
+            torch.arange(tokens_per_frame) + f * tokens_per_frame
+        )
+    labels = torch.arange(length) + 101
+    labels[-1] = IGNORE_INDEX
+    return Sample(
+        key=f"s{length}",
+        input_ids=torch.arange(length) + 100,
+        media_index=media,
+        labels=labels,
+        frames=torch.full((frames, 3, 2, 2), float(length)),
+    )
+
+
+def test_pack_pads_each_sample_and_restarts_positions():
+    batch = pack([sample(5, frames=1), sample(6, frames=2)], PAD, pad_multiple=4)
+    assert batch.cu_seqlens.tolist() == [0, 8, 16]
+    assert batch.input_ids.tolist() == [*range(100, 105), PAD, PAD, PAD, *range(100, 106), PAD, PAD]
+    assert batch.position_ids.tolist() == [*range(8), *range(8)]  # continuing through the pad
+    assert batch.labels[5:8].tolist() == [IGNORE_INDEX] * 3
+    assert batch.labels[4] == IGNORE_INDEX and batch.labels[13] == IGNORE_INDEX
+    # The second sample's frames follow the first's in `frames` and in `media_index`.
+    assert batch.media_index.tolist() == [0, 1, -1, -1, -1, -1, -1, -1,
+                                          2, 3, -1, 4, 5, -1, -1, -1]  # fmt: skip
+    assert batch.frames[:, 0, 0, 0].tolist() == [5.0, 6.0, 6.0]
+    assert all(t.dtype == torch.int64 for t in (batch.input_ids, batch.cu_seqlens, batch.labels))
+
+
+def test_collate_respects_max_length_and_micro_batch_size():
+    lengths = [5, 9, 3, 7, 16, 1, 1, 1, 1]  # padded to 8, 12, 4, 8, 16, 4, 4, 4, 4
+    groups = plan_micro_batches(
+        [-(-n // 4) * 4 for n in lengths], micro_batch_size=3, max_length=20
+    )
+    assert groups == [[0, 1], [2, 3], [4, 5], [6, 7, 8]]
+    batches = collate(
+        [sample(n) for n in lengths], micro_batch_size=3, max_length=20, pad_id=PAD, pad_multiple=4
+    )
+    assert [b.cu_seqlens.tolist() for b in batches] == [
+        [0, 8, 20], [0, 4, 12], [0, 16, 20], [0, 4, 8, 12]
+    ]  # fmt: skip
+    assert all(len(b.input_ids) <= 20 and len(b.input_ids) % 4 == 0 for b in batches)
+    assert all(b.frames.shape == (0, 3, 2, 2) for b in batches)
+    with pytest.raises(ValueError, match="max_length"):
+        plan_micro_batches([24], micro_batch_size=1, max_length=20)

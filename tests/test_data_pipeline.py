@@ -1,0 +1,203 @@
+"""The training pipeline: deterministic stream, data-parallel split, resume, skipped samples."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from transformers import AutoTokenizer
+
+from longvila_mcore.config import DataConfig, ModelConfig
+from longvila_mcore.data import pipeline as pipeline_module
+from longvila_mcore.data.pipeline import build_pipeline
+from longvila_mcore.data.stream import expand_shards, index_shard
+from longvila_mcore.data.synthetic import generate_synthetic
+
+MODEL = ModelConfig()  # tiny tower: 28 px, one token a frame
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    paths = generate_synthetic(root / "syn", num_frames=16, samples=24, shards=2, text_length=64)
+    broken = root / "broken.tar"
+    write_broken_shard(broken, expand_shards(paths.shards["conversation"])[0])
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
+    return paths.shards, str(broken), tokenizer
+
+
+def write_broken_shard(path, good_shard: str) -> None:
+    """Test-only: five good conversation samples with four broken ones between them."""
+    good = [ref.read() for ref in index_shard(good_shard)]
+    video = next(files for files in good if "mp4" in files)
+    image = next(files for files in good if "jpg" in files)
+    two_placeholders = [
+        {"from": "human", "value": "<video>\n<video>\nWhat?"},
+        {"from": "gpt", "value": "red"},
+    ]
+    broken = [
+        {"json": video["json"], "mp4": video["mp4"][: len(video["mp4"]) // 2]},  # truncated mp4
+        {"json": b'{"caption": "no conversation here"}', "mp4": video["mp4"]},
+        {"json": json.dumps({"conversations": two_placeholders}).encode(), "mp4": video["mp4"]},
+        {"json": image["json"], "jpg": b"\xff\xd8 not really a jpeg"},
+    ]
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for i in range(5):
+            writer.write({"__key__": f"good-{i}", **good[i]})
+            if i < len(broken):
+                writer.write({"__key__": f"broken-{i}", **broken[i]})
+
+
+def make(dataset, kind="conversation", *, pattern=None, shuffle_buffer=8, num_workers=0, **kw):
+    shards, _, tokenizer = dataset
+    data = DataConfig(name="test", **shards, shuffle_buffer=shuffle_buffer, num_workers=num_workers)
+    if pattern:
+        setattr(data, kind, pattern)
+    args = dict(num_frames=16, fps=None, max_length=256, global_batch_size=4, micro_batch_size=2,
+                pad_multiple=4, dp_rank=0, dp_size=1, seed=0)  # fmt: skip
+    return build_pipeline(data, kind, tokenizer, MODEL, **(args | kw))
+
+
+def samples_of(step) -> list[tuple]:
+    """Each packed sample as (ids, frames), in order."""
+    out = []
+    for batch in step:
+        bounds = batch.cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            media = batch.media_index[start:end]
+            frames = media[media >= 0] // MODEL.tokens_per_frame
+            frame_bytes = batch.frames[frames.unique()].numpy().tobytes() if len(frames) else b""
+            out.append((tuple(batch.input_ids[start:end].tolist()), hash(frame_bytes)))
+    return out
+
+
+def run(pipeline, steps: int) -> list[list[tuple]]:
+    return [samples_of(next(pipeline)) for _ in range(steps)]
+
+
+def test_same_seed_same_stream_whatever_the_workers(dataset):
+    reference = run(make(dataset, seed=3), 4)
+    assert run(make(dataset, seed=3, num_workers=2), 4) == reference
+    assert run(make(dataset, seed=4), 4) != reference
+    assert all(len(step) == 4 for step in reference)
+
+
+def test_data_parallel_ranks_split_each_step(dataset):
+    # 6 steps of 8 caption samples: 48 samples, two epochs of the 24.
+    single = run(make(dataset, "caption", global_batch_size=8, micro_batch_size=3), 6)
+    ranks = [
+        run(make(dataset, "caption", global_batch_size=8, dp_rank=r, dp_size=2), 6) for r in (0, 1)
+    ]
+    for step, rank0, rank1 in zip(single, *ranks, strict=True):
+        assert rank0 == step[0::2] and rank1 == step[1::2]
+    assert len({s for step in single[:3] for s in step}) == 24  # every sample once per epoch
+    with pytest.raises(ValueError, match="global_batch_size=6"):
+        make(dataset, global_batch_size=6, dp_size=4)
+
+
+def count_builds(pipeline) -> list:
+    calls = []
+    build = pipeline.builder.build
+    pipeline.builder.build = lambda kind, key, files: calls.append(key) or build(kind, key, files)
+    return calls
+
+
+def test_resume_continues_the_stream_without_decoding_the_past(dataset):
+    _, broken, _ = dataset
+    shards = dataset[0]["conversation"] + "::" + broken  # skips and an epoch boundary
+    uninterrupted = make(dataset, pattern=shards, dp_rank=1, dp_size=2, global_batch_size=6)
+    run(uninterrupted, 3)
+    state = uninterrupted.state_dict()
+    calls = count_builds(uninterrupted)
+    expected = run(uninterrupted, 5)
+    assert sum(uninterrupted.skipped.values()) > 0 and state["epoch"] == 0
+
+    resumed = make(dataset, pattern=shards, dp_rank=1, dp_size=2, global_batch_size=6)
+    resumed.load_state_dict(state)
+    resumed_calls = count_builds(resumed)
+    assert run(resumed, 5) == expected
+    assert resumed.skipped == uninterrupted.skipped
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    assert resumed_calls == calls  # nothing before the saved position was decoded again
+    with pytest.raises(ValueError, match="dp_size"):
+        make(dataset, pattern=shards).load_state_dict(state)
+
+
+def test_bad_samples_are_skipped_counted_and_replaced(dataset, caplog):
+    _, broken, _ = dataset
+    pipeline = make(
+        dataset,
+        pattern=broken,
+        shuffle_buffer=0,
+        max_length=1024,
+        global_batch_size=5,
+        micro_batch_size=5,
+    )
+    with caplog.at_level(logging.WARNING):
+        (batch,) = next(pipeline)
+    assert len(batch.cu_seqlens) == 6  # five samples: the batch keeps its size
+    assert pipeline.skipped == {
+        "corrupt_media": 2,
+        "bad_conversation": 2,
+        "malformed": 0,
+        "too_long": 0,
+    }
+    assert "broken.tar/broken-0: cannot decode video" in caplog.text
+
+
+def test_too_long_samples_are_skipped_with_a_warning(dataset, caplog):
+    # Images take ~40 positions, 16-frame videos 60-100 (two positions a frame).
+    pipeline = make(dataset, max_length=64, global_batch_size=8, micro_batch_size=8)
+    with caplog.at_level(logging.WARNING):
+        step = next(pipeline)
+    assert sum(len(b.cu_seqlens) - 1 for b in step) == 8
+    assert all(len(b.input_ids) <= 64 for b in step)
+    assert pipeline.skipped["too_long"] > 0
+    assert "positions, more than max_length=64" in caplog.text and "conversation-0" in caplog.text
+
+
+def test_all_unusable_stops_with_a_clear_error(dataset, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "MAX_SKIPS_IN_A_ROW", 30)
+    with pytest.raises(RuntimeError, match="30 samples in a row"):
+        next(make(dataset, "text", max_length=32))
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(max_length=250), "multiple of 2 x ulysses x ring = 4"),
+        (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(dp_rank=2, dp_size=2), "rank 2 of 2"),
+        (dict(kind="video"), "unknown sample kind"),
+        (dict(pattern="/nonexistent/x-{000..001}.tar"), "matches no file"),
+    ],
+)
+def test_bad_settings_are_named(dataset, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make(dataset, **overrides)
+
+
+def test_every_kind_builds_batches(dataset):
+    for kind in ("caption", "interleaved", "conversation", "text"):
+        step = next(make(dataset, kind, max_length=512))
+        assert sum(len(b.cu_seqlens) - 1 for b in step) == 4
+        for batch in step:
+            assert len(batch.input_ids) % 4 == 0 and batch.num_targets > 0
+            media = batch.media_index[batch.media_index >= 0]
+            assert torch.equal(
+                media.sort().values, torch.arange(len(batch.frames))
+            )  # 1 token a frame
+
+
+def test_damaged_shard_gives_the_samples_before_the_damage(dataset, tmp_path, caplog):
+    shard = expand_shards(dataset[0]["caption"])[0]
+    data = Path(shard).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    whole = [ref.key for ref in index_shard(shard)]
+    with caplog.at_level(logging.WARNING):
+        part = [ref.key for ref in index_shard(str(cut))]
+    assert 0 < len(part) < len(whole) and part == whole[: len(part)]
+    assert "cut.tar is damaged at sample" in caplog.text
