@@ -67,7 +67,9 @@ class Qwen2Model(GPTModel):
     ):
         super().__init__(
             config=config,
-            transformer_layer_spec=transformer_layer_spec(backend, causal=True),
+            transformer_layer_spec=transformer_layer_spec(
+                backend, causal=True, sequence_parallel=True
+            ),
             vocab_size=padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size),
             max_sequence_length=llm.max_position_embeddings,
             pre_process=pre_process,

@@ -22,11 +22,13 @@ from megatron.core.transformer.transformer_layer import (
 from longvila_mcore.parallel.core_attention import CoreAttention
 
 
-def transformer_layer_spec(backend, causal: bool) -> ModuleSpec:
+def transformer_layer_spec(backend, causal: bool, sequence_parallel: bool = False) -> ModuleSpec:
     """A pre-norm layer: norm -> self-attention -> residual, norm -> MLP -> residual.
 
     The norm type (RMSNorm for Qwen2, LayerNorm for SigLIP), biases and activation come from the
     TransformerConfig; `causal` chooses the decoder's or the tower's attention mask.
+    `sequence_parallel` makes the attention 2D (Ulysses x ring) over the context-parallel group
+    when it has more than one rank: the decoder's tokens are sharded, the tower's frames are not.
     """
     # Both backends then return a norm that follows `config.normalization` (WrappedTorchNorm /
     # TENorm); rms_norm=False would pick apex's FusedLayerNorm when apex is present, which has no
@@ -41,7 +43,9 @@ def transformer_layer_spec(backend, causal: bool) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=backend.column_parallel_linear(),
-                    core_attention=CoreAttention,
+                    core_attention=ModuleSpec(
+                        module=CoreAttention, params={"sequence_parallel": sequence_parallel}
+                    ),
                     linear_proj=backend.row_parallel_linear(),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,

@@ -3,6 +3,10 @@
 Megatron calls it with q/k/v `[s, b, heads, head_dim]` (RoPE already applied) and expects
 `[s, b, heads * head_dim]` back. Packed samples arrive as `PackedSamples` in `packed_seq_params`
 and never attend to each other. During generation a `KVCache` may be attached to each module.
+
+With `sequence_parallel=True` (the decoder) and a context-parallel group of N > 1 ranks, q/k/v
+are this rank's shard (`SequenceParallel.shard` order) and attention is the 2D Ulysses x ring
+attention over Megatron's hierarchical context-parallel groups; `boundaries` stay global.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from longvila_mcore.parallel.attention_2d import SequenceParallel, check_heads
+from longvila_mcore.parallel.groups import megatron_groups
 from longvila_mcore.parallel.local_attention import local_attention
+from longvila_mcore.parallel.ring import fold_batch
 
 
 @dataclass
@@ -51,12 +58,6 @@ class KVCache:
         return self.key, self.value
 
 
-def _fold_batch(x: torch.Tensor) -> torch.Tensor:
-    """[s, b, h, d] -> [b * s, h, d], batch rows back to back (a view when b == 1)."""
-    s, b, h, d = x.shape
-    return x.view(s, h, d) if b == 1 else x.transpose(0, 1).reshape(b * s, h, d)
-
-
 class CoreAttention(MegatronModule):
     """Attention over packed samples: causal for the decoder, bidirectional for the tower."""
 
@@ -70,6 +71,7 @@ class CoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        sequence_parallel: bool = False,
     ):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -82,6 +84,7 @@ class CoreAttention(MegatronModule):
         self.causal = attn_mask_type == AttnMaskType.causal
         self.softmax_scale = softmax_scale
         self.kv_cache: KVCache | None = None
+        self.sp = _sequence_parallel(config, pg_collection) if sequence_parallel else None
 
     def forward(
         self,
@@ -96,6 +99,15 @@ class CoreAttention(MegatronModule):
         if attention_mask is not None or attention_bias is not None:
             raise ValueError("CoreAttention takes sample boundaries (PackedSamples), not masks")
         sq, b, hq, d = query.shape
+        packed = isinstance(packed_seq_params, PackedSamples) and packed_seq_params.boundaries
+        if self.sp is not None:
+            if self.kv_cache is not None:
+                raise ValueError(
+                    "the KV cache runs on one rank; generate without sequence parallel"
+                )
+            bounds = packed_seq_params.boundaries if packed else None
+            out = self.sp.attention(query, key, value, bounds, self.softmax_scale)
+            return out.reshape(sq, b, hq * d)
         causal = self.causal
         if self.kv_cache is not None:
             past = len(self.kv_cache)
@@ -104,7 +116,7 @@ class CoreAttention(MegatronModule):
             key, value = self.kv_cache.append(key, value)
             causal = causal and past == 0
         sk = key.shape[0]
-        if isinstance(packed_seq_params, PackedSamples) and packed_seq_params.boundaries:
+        if packed:
             bounds_q = list(packed_seq_params.boundaries)
             bounds_k = bounds_q
         else:
@@ -113,9 +125,9 @@ class CoreAttention(MegatronModule):
         cu_q = [r * sq + x for r in range(b) for x in bounds_q[:-1]] + [b * sq]
         cu_k = [r * sk + x for r in range(b) for x in bounds_k[:-1]] + [b * sk]
         out = local_attention(
-            _fold_batch(query),
-            _fold_batch(key),
-            _fold_batch(value),
+            fold_batch(query),
+            fold_batch(key),
+            fold_batch(value),
             cu_q,
             cu_k,
             causal,
@@ -124,3 +136,18 @@ class CoreAttention(MegatronModule):
         if b == 1:
             return out.view(sq, 1, hq * d)
         return out.view(b, sq, hq * d).transpose(0, 1).contiguous()
+
+
+def _sequence_parallel(config: TransformerConfig, pg_collection) -> SequenceParallel | None:
+    """The 2D attention over Megatron's context-parallel groups, or None when there is one rank."""
+    if pg_collection is None:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups(
+            required_pgs=["tp", "cp", "hcp"]
+        )
+    groups = megatron_groups(pg_collection.cp, getattr(pg_collection, "hcp", None))
+    if groups.size == 1:
+        return None
+    check_heads(config.num_attention_heads // pg_collection.tp.size(), groups.ulysses.size())
+    return SequenceParallel(groups)

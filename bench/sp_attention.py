@@ -1,0 +1,317 @@
+"""Sequence-parallel attention on 4 gloo ranks: 2D (2x2), ring (1x4), Ulysses (4x1), all-gather.
+
+For each layout, one attention layer's forward + backward on S tokens: the bytes each rank sends,
+counted at our collectives and compared with REFERENCE 4's formulas; the time; the per-rank peak
+memory (tensors alive during the step, inputs included). Then the per-rank peak memory against N
+for a long sequence. Prints tables and writes bench/results/sp_attention.json.
+
+    python bench/sp_attention.py [--seq 4096] [--heads 8] [--kv-heads 4] [--head-dim 64]
+                                 [--iters 3] [--long-seq 32768] [--long-heads 2]
+
+Formulas (elements per rank per layer; H = heads x d, H_kv = KV heads x d after the replication
+for Ulysses, i.e. lcm(kv heads, U) x d):
+  forward:  Ulysses (2H + 2H_kv) S/N (U-1)/U + ring 2 S H_kv (R-1)/N
+  backward: Ulysses the same (the adjoint all-to-alls have the forward's sizes) + ring twice the
+            forward (K/V travel again, dK/dV travel with them)
+  all-gather baseline: 2 (N-1) S/N H_kv forward (all-gather K, V), the same backward
+            (reduce-scatter dK, dV)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+WORLD = 4
+LAYOUTS = {"2d": (2, 2), "ring": (1, 4), "ulysses": (4, 1), "all_gather": (1, 4)}
+RESULTS = Path(__file__).parent / "results" / "sp_attention.json"
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage alive while the mode is active (CPU has no allocator stats):
+    every op's outputs are counted until their storage is freed."""
+
+    def __init__(self, *inputs: torch.Tensor):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive = {}
+        for t in inputs:
+            self._track(t)
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._alive:
+            return
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def release(key=key, size=size):
+            self.live -= size
+            self._alive.pop(key, None)
+
+        self._alive[key] = weakref.finalize(storage, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+class _PrefixAttention(torch.autograd.Function):
+    """The all-gather baseline's local step: each local Q chunk against the K/V prefix it needs
+    (all earlier tokens, no mask, merged by LSE with its own chunk, causal)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, chunks, scale):
+        from longvila_mcore.parallel.local_attention import attention_forward
+        from longvila_mcore.parallel.ring import merge_partial
+
+        out = torch.empty_like(q)
+        lse = q.new_empty((q.shape[1], q.shape[0]))
+        for local, start, n in chunks:
+            qc, rows = q[local : local + n], slice(local, local + n)
+            own = slice(start, start + n)
+            o, l_ = attention_forward(qc, k[own], v[own], [0, n], [0, n], True, scale)
+            if start:
+                prefix = attention_forward(
+                    qc, k[:start], v[:start], [0, n], [0, start], False, scale
+                )
+                o, l_ = merge_partial(o, l_, *prefix)
+            out[rows], lse[:, rows] = o, l_
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (chunks, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from longvila_mcore.parallel.local_attention import attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        chunks, scale = ctx.args
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for local, start, n in chunks:
+            rows = slice(local, local + n)
+            args = (dout[rows], q[rows])
+            final = (out[rows], lse[:, rows])
+            own = slice(start, start + n)
+            g = attention_backward(*args, k[own], v[own], *final, [0, n], [0, n], True, scale)
+            dq[rows] += g[0]
+            dk[own] += g[1]
+            dv[own] += g[2]
+            if start:
+                prefix = (k[:start], v[:start], *final, [0, n], [0, start], False, scale)
+                g = attention_backward(*args, *prefix)
+                dq[rows] += g[0]
+                dk[:start] += g[1]
+                dv[:start] += g[2]
+        return dq, dk, dv, None, None
+
+
+def all_gather_attention(sp, q, k, v):
+    """All-gather K/V over the group, then local attention of this rank's zigzag Q chunks."""
+    total, ring = q.shape[0] * sp.size, sp.size
+    n = total // (2 * ring)
+    chunks = [(0, sp.rank * n, n), (n, (2 * ring - 1 - sp.rank) * n, n)]
+    k_full, v_full = (sp.gather(x, 0)[:, 0] for x in (k, v))
+    out = _PrefixAttention.apply(q[:, 0], k_full, v_full, chunks, q.shape[-1] ** -0.5)
+    return out[:, None]
+
+
+def forward(mode, sp, q, k, v):
+    if mode == "all_gather":
+        return all_gather_attention(sp, q, k, v)
+    return sp.attention(q, k, v)
+
+
+def step(mode, sp, q, k, v, dout):
+    """One attention layer's forward and backward (fresh gradients)."""
+    for x in (q, k, v):
+        x.grad = None
+    forward(mode, sp, q, k, v).backward(dout)
+
+
+def check_baseline_matches_ring(args) -> None:
+    """The all-gather baseline computes the same attention and gradients as the ring (1x4, same
+    shard order), so the comparison is between equal results."""
+    from longvila_mcore.parallel import init_sequence_parallel
+
+    sp = init_sequence_parallel(*LAYOUTS["ring"])
+    results = []
+    for mode in ("ring", "all_gather"):
+        q, k, v, dout = _inputs(512 // sp.size, args.heads, args.kv_heads, args.head_dim, sp.rank)
+        out = forward(mode, sp, q, k, v)
+        out.backward(dout)
+        results.append([out, q.grad, k.grad, v.grad])
+    for ring, baseline in zip(*results):
+        torch.testing.assert_close(baseline, ring, rtol=1e-5, atol=1e-5)
+
+
+def expected_elements(mode, ulysses, ring, seq, heads, kv_heads, head_dim):
+    """(forward, backward) elements sent per rank, from the formulas in the module docstring."""
+    n = ulysses * ring
+    h, h_kv = heads * head_dim, math.lcm(kv_heads, ulysses) * head_dim
+    if mode == "all_gather":
+        per_direction = 2 * (n - 1) * seq / n * kv_heads * head_dim
+        return per_direction, per_direction
+    a2a = (2 * h + 2 * h_kv) * seq / n * (ulysses - 1) / ulysses
+    ring_fwd = 2 * seq * h_kv * (ring - 1) / n
+    return a2a + ring_fwd, a2a + 2 * ring_fwd
+
+
+def _max_over_ranks(values: list[float], group=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def _inputs(seq_local, heads, kv_heads, head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [heads, kv_heads, kv_heads, heads]
+    q, k, v, dout = (torch.randn(seq_local, 1, h, head_dim, generator=gen) for h in shapes)
+    return [x.requires_grad_() for x in (q, k, v)] + [dout]
+
+
+def measure_layout(mode, args) -> dict:
+    from longvila_mcore.parallel import init_sequence_parallel
+    from longvila_mcore.parallel.collectives import count_communication
+
+    ulysses, ring = LAYOUTS[mode]
+    sp = init_sequence_parallel(ulysses, ring)
+    q, k, v, dout = _inputs(args.seq // sp.size, args.heads, args.kv_heads, args.head_dim, sp.rank)
+    step(mode, sp, q, k, v, dout)  # warm-up
+    times = []
+    for _ in range(args.iters):
+        dist.barrier()
+        start = time.perf_counter()
+        step(mode, sp, q, k, v, dout)
+        times.append(_max_over_ranks([time.perf_counter() - start])[0])
+    with count_communication() as fwd_counter:
+        out = forward(mode, sp, q, k, v)
+    with count_communication() as bwd_counter:
+        out.backward(dout)
+    with PeakMemory(q, k, v, dout) as memory:
+        step(mode, sp, q, k, v, dout)
+        peak = memory.peak
+    fwd_sent, bwd_sent, peak = _max_over_ranks(
+        [fwd_counter.total_sent, bwd_counter.total_sent, peak]
+    )
+    fwd_expected, bwd_expected = (
+        4 * e
+        for e in expected_elements(
+            mode, ulysses, ring, args.seq, args.heads, args.kv_heads, args.head_dim
+        )
+    )
+    return {
+        "layout": f"{ulysses}x{ring}",
+        "sent_fwd_bytes": fwd_sent,
+        "sent_bwd_bytes": bwd_sent,
+        "expected_fwd_bytes": fwd_expected,
+        "expected_bwd_bytes": bwd_expected,
+        "ratio": (fwd_sent + bwd_sent) / (fwd_expected + bwd_expected),
+        "time_s": statistics.median(times),
+        "peak_bytes": peak,
+    }
+
+
+def measure_memory_scaling(args) -> dict:
+    """Per-rank peak memory of the 2D attention on `long_seq` tokens for N = 1, 2, 4 (only the
+    first sequence-parallel group computes, so the cores are not shared with idle copies)."""
+    from longvila_mcore.parallel import init_sequence_parallel
+
+    results = {}
+    for ulysses, ring in ((1, 1), (2, 1), (2, 2)):
+        sp = init_sequence_parallel(ulysses, ring)
+        n = sp.size
+        peak = 0.0
+        if dist.get_rank() < n:
+            heads = args.long_heads
+            q, k, v, dout = _inputs(args.long_seq // n, heads, heads, args.head_dim, sp.rank)
+            with PeakMemory(q, k, v, dout) as memory:
+                step("2d", sp, q, k, v, dout)
+                peak = memory.peak
+        results[n] = {"layout": f"{ulysses}x{ring}", "peak_bytes": _max_over_ranks([peak])[0]}
+    return results
+
+
+def _worker(rank, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    import longvila_mcore  # noqa: F401  (Megatron-Core's CPU support)
+
+    check_baseline_matches_ring(args)
+    layouts = {mode: measure_layout(mode, args) for mode in LAYOUTS}
+    scaling = measure_memory_scaling(args) if args.long_seq else {}
+    if rank == 0:
+        report(args, layouts, scaling)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report(args, layouts, scaling):
+    mb = 2**20
+    print(
+        f"\none attention layer, forward + backward, {WORLD} gloo ranks, S={args.seq}, "
+        f"heads={args.heads}, kv_heads={args.kv_heads}, head_dim={args.head_dim}, fp32"
+    )
+    header = (
+        f"{'mode':<11}{'UxR':>5}{'sent fwd MB':>13}{'sent bwd MB':>13}{'formula MB':>12}"
+        f"{'ratio':>7}{'time ms':>9}{'peak MB':>9}"
+    )
+    print(header)
+    for mode, r in layouts.items():
+        sent = (r["sent_fwd_bytes"] + r["sent_bwd_bytes"]) / mb
+        formula = (r["expected_fwd_bytes"] + r["expected_bwd_bytes"]) / mb
+        print(
+            f"{mode:<11}{r['layout']:>5}{r['sent_fwd_bytes'] / mb:>13.2f}"
+            f"{r['sent_bwd_bytes'] / mb:>13.2f}{formula:>12.2f}{sent / formula:>7.3f}"
+            f"{r['time_s'] * 1e3:>9.0f}{r['peak_bytes'] / mb:>9.1f}"
+        )
+    if scaling:
+        print(f"\nper-rank peak memory, 2D attention, S={args.long_seq}, heads={args.long_heads}")
+        print(f"{'N':>3}{'UxR':>6}{'peak MB':>10}{'x N':>9}")
+        for n, r in scaling.items():
+            peak = r["peak_bytes"] / mb
+            print(f"{n:>3}{r['layout']:>6}{peak:>10.1f}{peak * n:>9.1f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps({"args": vars(args), "layouts": layouts, "memory_vs_n": scaling}, indent=2)
+    )
+    print(f"\nwritten {RESULTS}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq", type=int, default=4096, help="tokens (a multiple of 8)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per layout")
+    parser.add_argument("--long-seq", type=int, default=32768, help="0 skips the memory scaling")
+    parser.add_argument("--long-heads", type=int, default=2)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, args), nprocs=WORLD)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Collectives for sequence parallelism, autograd-aware: each backward is the forward's adjoint.
+
+- `all_to_all`: split one dim over the group, concatenate another (Ulysses: scatter heads, gather
+  sequence, and back); the adjoint is the all-to-all with the two dims swapped.
+- `all_to_all_variable`: rows of different counts to each rank (the image-first sharder); the
+  adjoint sends the gradients back with the counts swapped.
+- `all_gather`: along dim 0; the adjoint is a reduce-scatter (sum over ranks of their gradients).
+- `ring_shift`: send to the next ring rank, receive from the previous; the adjoint shifts back.
+  `ring_shift_start` is its non-blocking form, for code that overlaps transfers with compute.
+
+`count_communication()` records the bytes each call sends and receives, for the benchmarks;
+outside it the cost is one `None` check per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+# torch >= 2.10 renamed these; the NGC images may ship an older torch.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class CommCounter:
+    """Bytes this rank sent to and received from other ranks, per kind of collective."""
+
+    def __init__(self):
+        self.sent: dict[str, int] = defaultdict(int)
+        self.received: dict[str, int] = defaultdict(int)
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+    @property
+    def total_received(self) -> int:
+        return sum(self.received.values())
+
+
+_counter: CommCounter | None = None
+
+
+@contextmanager
+def count_communication() -> Iterator[CommCounter]:
+    """Count the bytes of every collective in this module while the block runs."""
+    global _counter
+    outer, _counter = _counter, CommCounter()
+    try:
+        yield _counter
+    finally:
+        _counter = outer
+
+
+def _count(kind: str, sent: int, received: int) -> None:
+    if _counter is not None:
+        _counter.sent[kind] += sent
+        _counter.received[kind] += received
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup):
+    n = group.size()
+    if x.shape[scatter_dim] % n:
+        raise ValueError(
+            f"dim {scatter_dim} of size {x.shape[scatter_dim]} cannot be split over {n} ranks"
+        )
+    # Piece j (for rank j) along a new dim 0, contiguous, as all_to_all_single wants it: no copy
+    # when scatter_dim is 0. The output holds the pieces received in source-rank order.
+    pieces = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
+    out = torch.empty_like(pieces)
+    dist.all_to_all_single(out, pieces, group=group)
+    piece_bytes = pieces[0].nbytes
+    _count("all_to_all", piece_bytes * (n - 1), piece_bytes * (n - 1))
+    # A view when gather_dim is 0 (the Ulysses forward lands sequence-ordered without a copy).
+    return out.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.args = (scatter_dim, gather_dim, group)
+        return _all_to_all(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim, group = ctx.args
+        return _all_to_all(grad, gather_dim, scatter_dim, group), None, None, None
+
+
+def all_to_all(
+    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup
+) -> torch.Tensor:
+    """Split `scatter_dim` into one piece per rank, send piece j to rank j, and concatenate the
+    pieces received along `gather_dim` in rank order. Identity on a group of one."""
+    if group.size() == 1:
+        return x
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+
+
+def _all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group: ProcessGroup):
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    row = math.prod(x.shape[1:]) * x.element_size()
+    me = group.rank()
+    _count("all_to_all_variable", row * (sum(send) - send[me]), row * (sum(recv) - recv[me]))
+    return out
+
+
+class _AllToAllVariable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.args = (send, recv, group)
+        return _all_to_all_rows(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send, recv, group = ctx.args
+        return _all_to_all_rows(grad, recv, send, group), None, None, None
+
+
+def all_to_all_variable(
+    x: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: ProcessGroup
+) -> torch.Tensor:
+    """Send `x`'s rows in consecutive blocks, `send_counts[j]` rows to rank j; returns the rows
+    received, `recv_counts[j]` of them from rank j, in rank order."""
+    send, recv = [int(c) for c in send_counts], [int(c) for c in recv_counts]
+    if len(send) != group.size() or len(recv) != group.size() or sum(send) != x.shape[0]:
+        raise ValueError(
+            f"send counts {send} / receive counts {recv} must have one entry per rank "
+            f"({group.size()}) and the send counts must sum to the {x.shape[0]} rows"
+        )
+    if group.size() == 1:
+        return x
+    return _AllToAllVariable.apply(x, send, recv, group)
+
+
+def _all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((group.size() * x.shape[0], *x.shape[1:]))
+    _all_gather_single(out, x, group=group)
+    _count("all_gather", x.nbytes * (group.size() - 1), x.nbytes * (group.size() - 1))
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    x = x.contiguous()
+    n = group.size()
+    out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
+    _reduce_scatter_single(out, x, group=group)
+    _count("reduce_scatter", out.nbytes * (n - 1), out.nbytes * (n - 1))
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group), None
+
+
+def all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's `x` along dim 0, in rank order. The gradient of a rank's `x` is the
+    sum over ranks of the gradients of its rows (each rank's copy feeds its own loss)."""
+    if group.size() == 1:
+        return x
+    return _AllGather.apply(x, group)
+
+
+class PendingTransfer:
+    """Point-to-point transfers in flight; `wait()` returns the tensors received."""
+
+    def __init__(self, works: list, sent: list[torch.Tensor], received: list[torch.Tensor]):
+        self._works = works
+        self._sent = sent  # alive until the transfer is done
+        self._received = received
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self._works:
+            work.wait()
+        self._works, self._sent = [], []
+        return self._received
+
+
+def ring_shift_start(
+    send: Sequence[torch.Tensor],
+    recv: Sequence[torch.Tensor],
+    group: ProcessGroup,
+    backward: bool = False,
+    tag: int = 0,
+) -> PendingTransfer:
+    """Start sending `send` to the next ring rank and receiving `recv` (same shapes) from the
+    previous one; `backward=True` reverses the direction. Returns without waiting."""
+    rank, size = group.rank(), group.size()
+    step = -1 if backward else 1
+    dst = dist.get_global_rank(group, (rank + step) % size)
+    src = dist.get_global_rank(group, (rank - step) % size)
+    send = [t.contiguous() for t in send]
+    ops = [dist.P2POp(dist.isend, t, dst, group, tag) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, src, group, tag) for t in recv]
+    _count("ring", sum(t.nbytes for t in send), sum(t.nbytes for t in recv))
+    return PendingTransfer(dist.batch_isend_irecv(ops), send, list(recv))
+
+
+def _ring_shift(x: torch.Tensor, group: ProcessGroup, backward: bool) -> torch.Tensor:
+    return ring_shift_start([x], [torch.empty_like(x)], group, backward).wait()[0]
+
+
+class _RingShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _ring_shift(x, group, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ring_shift(grad, ctx.group, backward=True), None
+
+
+def ring_shift(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """`x` of the previous ring rank (each rank sends its `x` to the next). Identity for one rank."""
+    if group.size() == 1:
+        return x
+    return _RingShift.apply(x, group)

@@ -1,0 +1,288 @@
+"""2D sequence-parallel attention (Ulysses x zigzag ring) against full causal attention in float64.
+
+Every multi-process case runs inside one spawn per world size: the world-4 spawn covers the 1x4,
+4x1 and 2x2 layouts, the collectives, the validation errors and the Megatron modules; the world-6
+spawn covers 2x3 and 3x2.
+"""
+
+import pytest
+import torch
+
+from tests.multiproc import run_ranks
+
+TOLERANCE = 1e-5
+
+
+def reference_attention(q, k, v, bounds, scale):
+    """Causal attention with packed samples isolated, from the definition (float64, sbhd)."""
+    total = q.shape[0]
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) * scale
+    pos = torch.arange(total)
+    sample = torch.bucketize(pos, torch.tensor(bounds[1:]), right=True)
+    allowed = (sample[:, None] == sample[None, :]) & (pos[None, :] <= pos[:, None])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v)
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def attention_errors(sp, hq, hkv, bounds, batch, head_dim=8, seed=0) -> dict[str, float]:
+    """Relative errors of sp.attention's output and dq/dk/dv against the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    total = bounds[-1]
+    q, k, v, dout = (
+        torch.randn(total, batch, h, head_dim, generator=gen, dtype=torch.float64)
+        for h in (hq, hkv, hkv, hq)
+    )
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_out = reference_attention(*full, bounds, head_dim**-0.5)
+    ref_out.backward(dout)
+    cu = torch.tensor(bounds)
+    local = [sp.shard(x.float(), 0, cu).requires_grad_() for x in (q, k, v)]
+    out = sp.attention(*local, cu_seqlens=cu)
+    out.backward(sp.shard(dout.float(), 0, cu))
+    pairs = [("out", out.detach(), ref_out)]
+    pairs += [(f"d{n}", x.grad, f.grad) for n, x, f in zip("qkv", local, full)]
+    return {name: relative_error(sp.gather(ours, 0, cu), ref) for name, ours, ref in pairs}
+
+
+def attention_cases(heads, samples, single) -> dict[str, float]:
+    """The worst error of each case: every (ulysses, ring) layout of `heads` with each of its
+    (hq, hkv), on packed samples (`samples` boundaries) and on a single sequence of batch 2."""
+    from longvila_mcore.parallel import init_sequence_parallel
+
+    errors = {}
+    for (ulysses, ring), layout_heads in heads.items():
+        sp = init_sequence_parallel(ulysses, ring)
+        for hq, hkv in layout_heads:
+            for name, bounds, batch in (("packed", samples, 1), ("single", single, 2)):
+                case = f"{ulysses}x{ring} hq{hq} hkv{hkv} {name} b{batch}"
+                errors[case] = max(attention_errors(sp, hq, hkv, bounds, batch).values())
+    return errors
+
+
+def adjoint_gaps() -> dict[str, float]:
+    """|<A x, g> - <x, A^T g>| summed over ranks, relative, for each autograd collective."""
+    import torch.distributed as dist
+
+    from longvila_mcore.parallel import collectives, groups
+
+    world = groups.new_groups(2, 2)
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(10 + rank)
+    sends = [(rank + j) % 3 for j in range(4)]
+    recvs = [(j + rank) % 3 for j in range(4)]  # what rank j sends to this rank
+    ops = {
+        "all_to_all heads->seq": (
+            lambda x: collectives.all_to_all(x, 2, 0, world.ulysses),
+            (3, 2, 4, 5),
+        ),
+        "all_to_all seq->heads": (
+            lambda x: collectives.all_to_all(x, 0, 2, world.ulysses),
+            (4, 2, 4, 5),
+        ),
+        "all_to_all_variable": (
+            lambda x: collectives.all_to_all_variable(x, sends, recvs, world.sp),
+            (sum(sends), 3),
+        ),
+        "all_gather": (lambda x: collectives.all_gather(x, world.sp), (3, 2)),
+        "ring_shift": (lambda x: collectives.ring_shift(x, world.ring), (3, 2)),
+    }
+    gaps = {}
+    for name, (op, shape) in ops.items():
+        x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        y = op(x)
+        g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        y.backward(g)
+        sums = torch.tensor([(y.detach() * g).sum(), (x.detach() * x.grad).sum()])
+        dist.all_reduce(sums)
+        gaps[name] = (abs(sums[0] - sums[1]) / abs(sums[0])).item()
+    return gaps
+
+
+def validation_errors() -> dict[str, str]:
+    """The ValueError message of each misuse, raised through the public entry points."""
+    from longvila_mcore.parallel import init_sequence_parallel
+
+    sp = init_sequence_parallel(2, 2)
+    x = torch.zeros(4, 1, 4, 8)
+    misuses = {
+        "world": lambda: init_sequence_parallel(3, 1),
+        "sample": lambda: sp.attention(x, x, x, cu_seqlens=torch.tensor([0, 12, 16])),
+        "heads": lambda: sp.attention(x[:, :, :3], x[:, :, :1], x[:, :, :1]),
+        "shard": lambda: sp.shard(torch.zeros(20)),
+    }
+    messages = {}
+    for name, misuse in misuses.items():
+        try:
+            misuse()
+        except ValueError as e:
+            messages[name] = str(e)
+    return messages
+
+
+def megatron_errors() -> dict[str, float]:
+    """CoreAttention (2x2 through Megatron's context-parallel groups) and a Qwen2 decoder built
+    with it, against the same modules on the whole sequence on one rank."""
+    import torch.distributed as dist
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from longvila_mcore.config import LLMConfig, ParallelConfig
+    from longvila_mcore.models.qwen2 import Qwen2Model, qwen2_transformer_config
+    from longvila_mcore.parallel import init_sequence_parallel
+    from longvila_mcore.parallel.core_attention import CoreAttention, PackedSamples
+    from longvila_mcore.runtime import init_model_parallel, spec_backend
+
+    init_model_parallel(ParallelConfig(ulysses=2, ring=2))
+    sp = init_sequence_parallel(2, 2)  # Megatron's groups
+    bounds = (0, 16, 24, 48)
+    packed = PackedSamples(boundaries=bounds)
+    errors = {}
+
+    llm = LLMConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    config = qwen2_transformer_config(llm)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(48, 2, h, 16, generator=gen) for h in (4, 2, 2))
+    single = CoreAttention(config, 1, AttnMaskType.causal, "self", pg_collection=pgs)
+    parallel = CoreAttention(
+        config, 1, AttnMaskType.causal, "self", pg_collection=pgs, sequence_parallel=True
+    )
+    expected = single(q, k, v, None, packed_seq_params=packed)
+    local = parallel(*(sp.shard(x, 0, bounds) for x in (q, k, v)), None, packed_seq_params=packed)
+    errors["core_attention"] = relative_error(sp.gather(local, 0, bounds), expected.double())
+
+    torch.manual_seed(0)
+    model = Qwen2Model(llm, config, spec_backend(torch.device("cpu")))
+    embeddings = torch.randn(48, 1, llm.hidden_size, generator=gen)
+    positions = torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])[None]
+    g = torch.randn(48, 1, llm.vocab_size, generator=gen)
+    logits = model(sp.shard(embeddings, 0, bounds), sp.shard(positions, 1, bounds), packed)
+    (logits * sp.shard(g, 0, bounds)).sum().backward()
+    sp_logits = sp.gather(logits.detach(), 0, bounds)
+    params = [p for p in model.parameters() if p.grad is not None]
+    sp_grads = [p.grad.clone() for p in params]
+    for grad in sp_grads:
+        dist.all_reduce(grad, group=sp.groups.sp)
+    model.zero_grad()
+    for layer in model.decoder.layers:  # the same weights, attention on the whole sequence
+        layer.self_attention.core_attention.sp = None
+    ref_logits = model(embeddings, positions, packed)
+    (ref_logits * g).sum().backward()
+    errors["decoder logits"] = relative_error(sp_logits, ref_logits.double())
+    errors["decoder grads"] = max(
+        relative_error(ours, p.grad.double()) for ours, p in zip(sp_grads, params)
+    )
+    return errors
+
+
+def _world4():
+    heads = {layout: [(4, 2), (4, 1)] for layout in ((1, 4), (4, 1), (2, 2))}
+    return {
+        "attention": attention_cases(heads, (0, 16, 24, 48), (0, 32)),
+        "adjoint": adjoint_gaps(),
+        "validation": validation_errors(),
+        "megatron": megatron_errors(),
+    }
+
+
+def _world6():
+    heads = {(2, 3): [(4, 2), (4, 1)], (3, 2): [(6, 2)]}
+    return {"attention": attention_cases(heads, (0, 24, 36, 72), (0, 48))}
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return run_ranks(4, _world4)
+
+
+@pytest.mark.slow
+def test_attention_matches_float64_reference_on_4_ranks(world4):
+    errors = world4["attention"]
+    assert len(errors) == 12
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.slow
+def test_attention_matches_float64_reference_on_6_ranks():
+    errors = run_ranks(6, _world6)["attention"]
+    assert len(errors) == 6
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.slow
+def test_collectives_backward_is_adjoint(world4):
+    gaps = world4["adjoint"]
+    assert max(gaps.values()) <= 1e-12, gaps
+
+
+@pytest.mark.slow
+def test_validation_errors_name_the_fix(world4):
+    messages = world4["validation"]
+    assert "does not divide the world size 4" in messages["world"]
+    assert "sample 0 has length 12" in messages["sample"]
+    assert "multiple of 2 x ulysses x ring = 8" in messages["sample"]
+    assert "not divisible by ulysses=2" in messages["heads"]
+    assert "multiple of 2 x ulysses x ring = 8" in messages["shard"]
+
+
+@pytest.mark.slow
+def test_megatron_core_attention_and_decoder_match_one_rank(world4):
+    errors = world4["megatron"]
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+def test_shard_order_is_ring_zigzag_then_contiguous():
+    from longvila_mcore.parallel.attention_2d import _zigzag_order
+
+    bounds, ring = (0, 16, 24, 48), 2
+    order = _zigzag_order(bounds, ring)
+    assert sorted(order.tolist()) == list(range(48))
+    # Ring rank r's sequence: chunks r and 2R-1-r (of 2R) of every sample, sample after sample.
+    ring0, ring1 = order[:24].tolist(), order[24:].tolist()
+    assert ring0 == [*range(0, 4), *range(12, 16), 16, 17, 22, 23, *range(24, 30), *range(42, 48)]
+    assert ring1 == [*range(4, 12), *range(18, 22), *range(30, 42)]
+
+
+def test_kv_heads_are_replicated_for_the_query_heads_of_each_ulysses_rank():
+    from longvila_mcore.parallel.attention_2d import replicate_kv_heads
+
+    for hq, hkv, ulysses in [(4, 2, 4), (4, 1, 2), (6, 2, 3), (8, 4, 2), (12, 2, 4)]:
+        kv = torch.arange(hkv, dtype=torch.float64).view(1, 1, hkv, 1)
+        replicated = replicate_kv_heads(kv, ulysses).flatten()
+        per_rank_q, per_rank_kv = hq // ulysses, replicated.numel() // ulysses
+        for h in range(hq):
+            rank, local = divmod(h, per_rank_q)
+            local_kv = local // (per_rank_q // per_rank_kv)
+            assert replicated[rank * per_rank_kv + local_kv] == h // (hq // hkv)
+
+
+def test_layout_errors_before_any_group_exists():
+    from longvila_mcore.parallel.attention_2d import check_heads, sample_boundaries
+    from longvila_mcore.parallel.groups import check_layout
+
+    with pytest.raises(ValueError, match="does not divide the world size 6"):
+        check_layout(2, 2, 6)
+    with pytest.raises(ValueError, match="not divisible by ulysses=4"):
+        check_heads(6, 4)
+    with pytest.raises(ValueError, match=r"sample 1 has length 12.*multiple of .* = 8"):
+        sample_boundaries([0, 16, 28, 36], 36, 4)
+    with pytest.raises(ValueError, match="must run from 0 to the sequence length 40"):
+        sample_boundaries([0, 16, 32], 40, 4)
+
+
+def test_one_rank_is_plain_causal_attention(single_rank):
+    from longvila_mcore.parallel import init_sequence_parallel
+
+    sp = init_sequence_parallel(1, 1)
+    bounds = (0, 5, 16)  # one rank takes any sample lengths
+    errors = attention_errors(sp, hq=4, hkv=2, bounds=bounds, batch=2)
+    assert max(errors.values()) <= TOLERANCE, errors
+    x = torch.randn(16, 3)
+    assert torch.equal(sp.shard(x, 0, bounds), x)
+    assert torch.equal(sp.gather(x, 0, bounds), x)
