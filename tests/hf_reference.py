@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from longvila_mcore.config import LLMConfig, VisionConfig
 
@@ -97,3 +108,132 @@ def released_siglip_tensors(model: SiglipVisionModel) -> dict[str, torch.Tensor]
     drops when saving (and strips when loading).
     """
     return {f"vision_model.{name}": t for name, t in model.state_dict().items()}
+
+
+def reference_downsample(x: torch.Tensor) -> torch.Tensor:
+    """REFERENCE 1 word for word: grid, zero-pad odd axes, view, permute, view, flatten."""
+    n, p, c = x.shape
+    a = b = round(p**0.5)
+    x = x.reshape(n, a, b, c)
+    if a % 2:
+        x = torch.cat([x, x.new_zeros(n, 1, b, c)], dim=1)
+        a += 1
+    if b % 2:
+        x = torch.cat([x, x.new_zeros(n, a, 1, c)], dim=2)
+        b += 1
+    x = x.contiguous().view(n, a, b // 2, 2 * c).permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, b // 2, a // 2, 4 * c)
+    return x.reshape(n, a * b // 4, 4 * c)
+
+
+def make_vila_checkpoint(
+    root: Path,
+    tokenizer_dir: Path,
+    llm: LLMConfig,
+    vision: VisionConfig,
+    seed: int = 0,
+    transformers4_rope: bool = False,
+) -> Path:
+    """A released-layout LongVILA checkpoint with random weights, written by HF's own classes.
+
+    `transformers4_rope` rewrites llm/config.json the way transformers 4.x wrote it
+    (`rope_theta` / `rope_scaling` instead of `rope_parameters`).
+    """
+    root = Path(root)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf_qwen2(llm, seed).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    if transformers4_rope:
+        path = root / "llm" / "config.json"
+        cfg = json.loads(path.read_text())
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type") == "linear":
+            cfg["rope_scaling"] = {"type": "linear", "factor": rope["factor"]}
+        path.write_text(json.dumps(cfg))
+    tower = hf_siglip(vision, seed + 1)
+    tower.save_pretrained(root / "vision_tower")
+    size = {"height": vision.image_size, "width": vision.image_size}
+    (root / "vision_tower" / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": list(vision.image_mean),
+                "image_std": list(vision.image_std),
+                "size": size,
+            }
+        )
+    )
+    (root / "mm_projector").mkdir()
+    (root / "mm_projector" / "config.json").write_text(
+        json.dumps({"mm_projector_type": "mlp_downsample", "model_type": "v2l_projector"})
+    )
+    g = torch.Generator().manual_seed(seed + 2)
+    wide, hidden = 4 * vision.hidden_size, llm.hidden_size
+    projector = {
+        "layers.1.weight": 1.0 + 0.1 * torch.randn(wide, generator=g),
+        "layers.1.bias": 0.1 * torch.randn(wide, generator=g),
+        "layers.2.weight": torch.randn(hidden, wide, generator=g) / wide**0.5,
+        "layers.2.bias": 0.1 * torch.randn(hidden, generator=g),
+        "layers.4.weight": torch.randn(hidden, hidden, generator=g) / hidden**0.5,
+        "layers.4.bias": 0.1 * torch.randn(hidden, generator=g),
+    }
+    save_file(projector, root / "mm_projector" / "model.safetensors")
+    top = {
+        "architectures": ["LlavaLlamaModel"],
+        "model_type": "llava_llama",
+        "hidden_size": hidden,
+        "mm_hidden_size": vision.hidden_size,
+        "mm_vision_select_layer": vision.select_layer,
+        "mm_vision_select_feature": "cls_patch",
+        "image_aspect_ratio": "resize",
+        "num_video_frames": 8,
+        "fps": 0.0,
+    }
+    (root / "config.json").write_text(json.dumps(top))
+    return root
+
+
+class HFLongVILA:
+    """LongVILA assembled from HF modules and REFERENCE 1, independent of our model code."""
+
+    def __init__(self, root: Path):
+        root = Path(root)
+        self.llm = Qwen2ForCausalLM.from_pretrained(
+            root / "llm", attn_implementation="eager"
+        ).eval()
+        self.tower = SiglipVisionModel.from_pretrained(
+            root / "vision_tower", attn_implementation="eager"
+        ).eval()
+        self.projector = load_file(root / "mm_projector" / "model.safetensors")
+        self.select_layer = json.loads((root / "config.json").read_text())["mm_vision_select_layer"]
+
+    def frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """`[F, 3, H, W]` -> `[F, tokens_per_frame, hidden]`: tower layer -2, then the projector."""
+        p = self.projector
+        features = self.tower(frames, output_hidden_states=True).hidden_states[self.select_layer]
+        x = reference_downsample(features)
+        x = F.layer_norm(x, x.shape[-1:], p["layers.1.weight"], p["layers.1.bias"], eps=1e-5)
+        x = F.gelu(F.linear(x, p["layers.2.weight"], p["layers.2.bias"]))
+        return F.linear(x, p["layers.4.weight"], p["layers.4.bias"])
+
+    def embeddings(self, input_ids, media_index, frames) -> torch.Tensor:
+        """`[1, S, hidden]`: token embeddings with media positions replaced by frame tokens."""
+        embeds = self.llm.get_input_embeddings()(input_ids).clone()
+        media = media_index >= 0
+        if media.any():
+            embeds[media] = self.frame_tokens(frames).flatten(0, 1)[media_index[media]]
+        return embeds[None]
+
+    @torch.no_grad()
+    def greedy(self, input_ids, media_index, frames, max_new_tokens: int, eos_id: int) -> list[int]:
+        """Greedy decoding with a full forward each step (no cache)."""
+        embeds = self.embeddings(input_ids, media_index, frames)
+        out = []
+        for _ in range(max_new_tokens):
+            token = int(self.llm(inputs_embeds=embeds).logits[0, -1].argmax())
+            out.append(token)
+            if token == eos_id:
+                break
+            next_embed = self.llm.get_input_embeddings()(torch.tensor([[token]]))
+            embeds = torch.cat([embeds, next_embed], dim=1)
+        return out

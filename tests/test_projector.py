@@ -6,28 +6,13 @@ import torch.nn.functional as F
 
 from longvila_mcore.config import LLMConfig, ModelConfig, VisionConfig
 from longvila_mcore.models.projector import DownSample2x2, build_projector
+from tests.hf_reference import reference_downsample
 
 
 def model_config(side: int, channels: int = 8, llm_hidden: int = 16, **overrides) -> ModelConfig:
     """A model whose tower yields `side` x `side` patches of `channels` features."""
     vision = VisionConfig(image_size=2 * side, patch_size=2, hidden_size=channels)
     return ModelConfig(llm=LLMConfig(hidden_size=llm_hidden), vision=vision, **overrides)
-
-
-def reference_downsample(x: torch.Tensor) -> torch.Tensor:
-    """REFERENCE 1 word for word: grid, zero-pad odd axes, view, permute, view, flatten."""
-    n, p, c = x.shape
-    a = b = round(p**0.5)
-    x = x.reshape(n, a, b, c)
-    if a % 2:
-        x = torch.cat([x, x.new_zeros(n, 1, b, c)], dim=1)
-        a += 1
-    if b % 2:
-        x = torch.cat([x, x.new_zeros(n, a, 1, c)], dim=2)
-        b += 1
-    x = x.view(n, a, b // 2, 2 * c).permute(0, 2, 1, 3).contiguous()
-    x = x.view(n, b // 2, a // 2, 4 * c)
-    return x.reshape(n, a * b // 4, 4 * c)
 
 
 def reference_projector(x: torch.Tensor, projector: torch.nn.Module) -> torch.Tensor:

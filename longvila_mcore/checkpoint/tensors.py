@@ -9,6 +9,11 @@ import torch
 
 from longvila_mcore.checkpoint.mapping import Rule, tensor_parallel_slice
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not have the layout or contents the model needs."""
+
+
 _LAYER = re.compile(r"(.*\.layers\.)(\d+)(\..*)")
 
 
@@ -52,11 +57,11 @@ def load_full_tensors(
     for name, param in params.items():
         rule = by_name.get(name)
         if rule is None:
-            raise KeyError(f"no checkpoint tensor maps to model parameter {prefix}{name}")
+            raise CheckpointError(f"no checkpoint tensor maps to model parameter {prefix}{name}")
         full = rule.fuse([read(rule.component, hf) for hf in rule.hf])
         local = tensor_parallel_slice(full, param, tp_rank, tp_size)
         if local.shape != param.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"{rule.component}/{', '.join(rule.hf)} has shape {tuple(full.shape)}, which does "
                 f"not fit {prefix}{name} {tuple(param.shape)} (tp {tp_size}): the checkpoint and "
                 "the model config disagree"

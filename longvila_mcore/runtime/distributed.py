@@ -9,7 +9,6 @@ import socket
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from longvila_mcore.config import ParallelConfig
 
@@ -54,6 +53,9 @@ def init_model_parallel(parallel: ParallelConfig) -> int:
     hierarchical sub-groups are the Ulysses groups (contiguous ranks, level 0) and the ring groups
     (strided by ulysses, level 1), which `parallel.groups` picks up.
     """
+    # Imported here so `import longvila_mcore` (tools, data workers) does not load Megatron.
+    from megatron.core import parallel_state
+
     world = dist.get_world_size()
     dp = parallel.data_parallel_size(world)
     if parallel_state.model_parallel_is_initialized():

@@ -1,0 +1,210 @@
+"""Read released LongVILA checkpoints (the HF "VILA layout", REFERENCE 2).
+
+```
+model_dir/
+  config.json       top level: mm_vision_select_layer, num_video_frames, ...
+  llm/              Qwen2ForCausalLM safetensors + config + tokenizer
+  vision_tower/     SiglipVisionModel safetensors + config + preprocessor_config.json
+  mm_projector/     config {"mm_projector_type": "mlp_downsample"} + safetensors
+```
+
+`llm/config.json` is accepted as transformers 4.x wrote it (`rope_theta`, `rope_scaling`) and as
+5.x writes it (`rope_parameters`). Tensors are read one at a time (safetensors is memory-mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from safetensors import safe_open
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from longvila_mcore.checkpoint.mapping import Rule, projector_rules, qwen2_rules, siglip_rules
+from longvila_mcore.checkpoint.tensors import CheckpointError, load_full_tensors
+from longvila_mcore.config import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
+from longvila_mcore.data.tokenizer import MediaTokenIds, ensure_media_tokens
+from longvila_mcore.models.longvila import LongVILAModel
+from longvila_mcore.models.projector import SUPPORTED_PROJECTORS
+from longvila_mcore.models.qwen2 import padded_vocab_size
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("llm", "vision_tower", "mm_projector")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a VILA-layout checkpoint (REFERENCE 2)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_layout(hf_dir: str | Path) -> Path:
+    """The checkpoint directory, once its top-level config and three subfolders are found."""
+    root = Path(hf_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"{root} has no {', '.join(s + '/' for s in missing)} subfolder: expected the VILA "
+            "layout (config.json, llm/, vision_tower/, mm_projector/)"
+        )
+    _read_json(root / "config.json")
+    return root
+
+
+def _rope(cfg: dict, where: Path) -> tuple[float, float | None]:
+    """(theta, linear scaling factor) from a 4.x or 5.x Qwen2 config."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = cfg.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        raise CheckpointError(f"{where} gives no rope_theta (nor rope_parameters.rope_theta)")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind == "linear":
+        return float(theta), float(scaling["factor"])
+    raise CheckpointError(f"{where}: RoPE scaling {kind!r} is not supported (only linear)")
+
+
+def read_model_config(hf_dir: str | Path) -> ModelConfig:
+    """The model dimensions of a VILA-layout checkpoint."""
+    root = check_layout(hf_dir)
+    top = _read_json(root / "config.json")
+    llm_cfg = _read_json(root / "llm" / "config.json")
+    tower = _read_json(root / "vision_tower" / "config.json")
+    tower = tower.get("vision_config", tower)  # a full SiglipConfig nests the vision part
+    projector = _read_json(root / "mm_projector" / "config.json")
+    projector_type = projector.get("mm_projector_type")
+    if projector_type not in SUPPORTED_PROJECTORS:
+        raise CheckpointError(
+            f"{root / 'mm_projector' / 'config.json'}: projector type {projector_type!r} is not "
+            f"supported (supported: {', '.join(SUPPORTED_PROJECTORS)})"
+        )
+    theta, factor = _rope(llm_cfg, root / "llm" / "config.json")
+    llm = LLMConfig(
+        vocab_size=llm_cfg["vocab_size"],
+        hidden_size=llm_cfg["hidden_size"],
+        num_layers=llm_cfg["num_hidden_layers"],
+        num_attention_heads=llm_cfg["num_attention_heads"],
+        num_key_value_heads=llm_cfg.get("num_key_value_heads", llm_cfg["num_attention_heads"]),
+        ffn_hidden_size=llm_cfg["intermediate_size"],
+        rope_theta=theta,
+        rope_scaling_factor=factor,
+        rms_norm_eps=llm_cfg.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=llm_cfg.get("tie_word_embeddings", False),
+        max_position_embeddings=llm_cfg.get("max_position_embeddings", 32768),
+    )
+    preprocessor_path = root / "vision_tower" / "preprocessor_config.json"
+    preprocessor = _read_json(preprocessor_path) if preprocessor_path.is_file() else {}
+    vision = VisionConfig(
+        image_size=tower.get("image_size", 224),
+        patch_size=tower.get("patch_size", 16),
+        hidden_size=tower["hidden_size"],
+        num_layers=tower["num_hidden_layers"],
+        num_attention_heads=tower["num_attention_heads"],
+        ffn_hidden_size=tower["intermediate_size"],
+        layer_norm_eps=tower.get("layer_norm_eps", 1e-6),
+        select_layer=top.get("mm_vision_select_layer", -2),
+        image_mean=tuple(preprocessor.get("image_mean", (0.5, 0.5, 0.5))),
+        image_std=tuple(preprocessor.get("image_std", (0.5, 0.5, 0.5))),
+        use_head=tower.get("vision_use_head", True),
+    )
+    return ModelConfig(name=root.name, llm=llm, vision=vision, projector_type=projector_type)
+
+
+def _released_name(component: str, name: str) -> str:
+    """transformers 5 saves SiglipVisionModel without the `vision_model.` prefix that the
+    released (4.x) checkpoints have; index both under the released name."""
+    if component == "vision_tower" and not name.startswith("vision_model."):
+        return f"vision_model.{name}"
+    return name
+
+
+class SafetensorsReader:
+    """Tensors of the three subfolders by (component, name), read lazily one at a time."""
+
+    def __init__(self, hf_dir: str | Path):
+        root = check_layout(hf_dir)
+        self._files: dict[str, dict[str, Path]] = {}
+        for component in COMPONENTS:
+            files = sorted((root / component).glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{root / component} holds no *.safetensors file")
+            index = {}
+            for path in files:
+                with safe_open(path, "pt") as f:
+                    index.update({_released_name(component, n): (path, n) for n in f.keys()})  # noqa: SIM118
+            self._files[component] = index
+
+    def names(self, component: str) -> set[str]:
+        return set(self._files[component])
+
+    def read(self, component: str, name: str) -> torch.Tensor:
+        """One tensor by its released name."""
+        found = self._files[component].get(name)
+        if found is None:
+            raise CheckpointError(f"tensor {component}/{name} is missing from the checkpoint")
+        path, stored_name = found
+        with safe_open(path, "pt") as f:
+            return f.get_tensor(stored_name)
+
+    def check_complete(self, rules: list[Rule], ignore: dict[str, set[str]] | None = None):
+        """Raise naming any tensor the rules need but the files lack, or the other way round."""
+        ignore = ignore or {}
+        for component in COMPONENTS:
+            wanted = {n for r in rules if r.component == component for n in r.hf}
+            have = self.names(component) - ignore.get(component, set())
+            if missing := sorted(wanted - have):
+                raise CheckpointError(
+                    f"{component}/ lacks {len(missing)} tensor(s) the model needs, e.g. "
+                    f"{missing[0]}: the checkpoint does not match its config"
+                )
+            if unexpected := sorted(have - wanted):
+                raise CheckpointError(
+                    f"{component}/ has {len(unexpected)} tensor(s) the model does not use, e.g. "
+                    f"{unexpected[0]}: the checkpoint does not match its config"
+                )
+
+
+def load_tokenizer(hf_dir: str | Path) -> tuple[PreTrainedTokenizerBase, MediaTokenIds]:
+    """The tokenizer of `llm/`, with VILA's media tokens added when it lacks them."""
+    tokenizer = AutoTokenizer.from_pretrained(check_layout(hf_dir) / "llm")
+    return tokenizer, ensure_media_tokens(tokenizer)
+
+
+def longvila_rules(cfg: ModelConfig, tp: int) -> list[Rule]:
+    """Every tensor of the composed model: decoder, tower, projector."""
+    padded = padded_vocab_size(cfg.llm.vocab_size, tp)
+    return qwen2_rules(cfg, padded) + siglip_rules(cfg) + projector_rules(cfg)
+
+
+def load_vila(
+    hf_dir: str | Path,
+    parallel: ParallelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[LongVILAModel, PreTrainedTokenizerBase]:
+    """Build LongVILAModel for this rank's layout and fill it from a VILA-layout checkpoint.
+
+    When the tokenizer lacked the media tokens, the embedding (and untied output) tables grow to
+    the new vocabulary; the added rows are zero (media-token embeddings are never used as inputs).
+    """
+    cfg = read_model_config(hf_dir)
+    tokenizer, _ = load_tokenizer(hf_dir)
+    cfg.llm.vocab_size = max(cfg.llm.vocab_size, len(tokenizer))
+    model = LongVILAModel(cfg, parallel, device, dtype)
+    rules = longvila_rules(cfg, parallel.tp)
+    reader = SafetensorsReader(hf_dir)
+    # Tied checkpoints sometimes still store the (identical) output matrix.
+    ignore = {"llm": {"lm_head.weight"}} if cfg.llm.tie_word_embeddings else None
+    reader.check_complete(rules, ignore)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    load_full_tensors(model, rules, reader.read, tp_rank, parallel.tp)
+    return model, tokenizer

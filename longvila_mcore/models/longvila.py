@@ -1,0 +1,97 @@
+"""The composed LongVILA model: frames -> SigLIP tower -> projector -> Qwen2 decoder.
+
+Frame features are spliced into the token sequence at the media positions the data pipeline laid
+out (`Batch.media_index`). The image-first sharder does the splicing for every layout: with one
+sequence-parallel rank it encodes all frames and fills the whole sequence; with N ranks each rank
+encodes its share of the frames and receives exactly the embeddings of its own token shard.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.transformer.module import MegatronModule
+
+from longvila_mcore.config import ModelConfig, ParallelConfig
+from longvila_mcore.data.batch import IGNORE_INDEX, Batch
+from longvila_mcore.models.projector import build_projector
+from longvila_mcore.models.qwen2 import Qwen2Model, qwen2_transformer_config
+from longvila_mcore.models.siglip import SiglipVisionTower, siglip_transformer_config
+from longvila_mcore.parallel import init_sequence_parallel
+from longvila_mcore.parallel.core_attention import PackedSamples
+from longvila_mcore.parallel.sharder import ImageFirstSharder
+from longvila_mcore.runtime import spec_backend
+
+
+class LongVILAModel(MegatronModule):
+    """Tower and projector (first pipeline stage), decoder, and the sharder that joins them."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: ParallelConfig,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        parallel.check_model(cfg)
+        llm_config = qwen2_transformer_config(cfg.llm, parallel.tp, parallel.pp, dtype)
+        super().__init__(config=llm_config)
+        self.cfg = cfg
+        backend = spec_backend(device)
+        if pre_process:
+            tower_config = siglip_transformer_config(cfg.vision, parallel.tp, dtype)
+            self.vision_tower = SiglipVisionTower(cfg.vision, tower_config, backend)
+            self.mm_projector = build_projector(cfg, dtype)
+        self.llm = Qwen2Model(cfg.llm, llm_config, backend, pre_process, post_process)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sp = init_sequence_parallel(parallel.ulysses, parallel.ring)
+        self.sharder = ImageFirstSharder(self.sp)
+
+    def set_trainable(self, vision_tower: bool, mm_projector: bool, llm: bool) -> None:
+        """Freeze or unfreeze each part (the tower's unused layers always stay frozen)."""
+        if self.pre_process:
+            self.vision_tower.set_trainable(vision_tower)
+            self.mm_projector.requires_grad_(mm_projector)
+        self.llm.requires_grad_(llm)
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Projector tokens `[f, tokens_per_frame, hidden]` of frames `[f, 3, H, W]`."""
+        return self.mm_projector(self.vision_tower(frames))
+
+    def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.embed(ids[None]).squeeze(1)
+
+    def embed(self, batch: Batch) -> torch.Tensor | None:
+        """This rank's shard of the input embeddings `[s / N, 1, hidden]`, frames spliced in
+        (None on later pipeline stages)."""
+        if not self.pre_process:
+            return None
+        return self.sharder.embed(
+            batch.input_ids,
+            batch.media_index,
+            batch.frames,
+            self.encode_frames,
+            self._embed_tokens,
+            self.cfg.tokens_per_frame,
+            batch.cu_seqlens,
+        ).unsqueeze(1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """This rank's logits `[s / N, 1, vocab / tp]` for its shard of the packed sequence."""
+        positions = self.sp.shard(batch.position_ids, cu_seqlens=batch.cu_seqlens).unsqueeze(0)
+        packed = PackedSamples(boundaries=tuple(batch.cu_seqlens.tolist()))
+        return self.llm(self.embed(batch), positions, packed)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of targets) over this rank's shard.
+
+        The caller divides by the target count of the whole global batch, so the loss is the mean
+        over every target token whatever the layout and accumulation (REFERENCE 5.4).
+        """
+        logits = self(batch)
+        labels = self.sp.shard(batch.labels, cu_seqlens=batch.cu_seqlens).unsqueeze(1)
+        is_target = labels != IGNORE_INDEX
+        losses = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
+        return (losses * is_target).sum(), is_target.sum()

@@ -1,0 +1,106 @@
+"""The composed model loaded from a VILA-layout checkpoint against the HF-assembled reference."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from longvila_mcore.checkpoint.hf import CheckpointError, load_vila
+from longvila_mcore.config import ParallelConfig
+from longvila_mcore.data.batch import IGNORE_INDEX, Batch
+from longvila_mcore.data.chat import render_prompt
+from longvila_mcore.data.layout import MediaLayout
+from longvila_mcore.data.tokenizer import train_tokenizer
+from tests.hf_reference import HFLongVILA, make_vila_checkpoint, tiny_llm_config, tiny_vision_config
+
+TEXTS = ["What colour is the shape? The shape is red.", "A blue circle moves left.\n" * 3] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return train_tokenizer(TEXTS, 300, tmp_path_factory.mktemp("tokenizer"))
+
+
+def prompt_batch(tokenizer, cfg, frames: int) -> Batch:
+    layout = MediaLayout.from_tokenizer(tokenizer, cfg.tokens_per_frame)
+    ids = render_prompt(tokenizer, "What colour is the shape?", "video")
+    expanded = layout.expand(ids, [frames])
+    length = expanded.input_ids.shape[0]
+    torch.manual_seed(0)
+    return Batch(
+        input_ids=expanded.input_ids,
+        media_index=expanded.media_index,
+        labels=torch.full((length,), IGNORE_INDEX),
+        position_ids=torch.arange(length),
+        cu_seqlens=torch.tensor([0, length]),
+        frames=torch.randn(frames, 3, cfg.vision.image_size, cfg.vision.image_size),
+    )
+
+
+@pytest.mark.parametrize(
+    "llm_overrides,transformers4",
+    [({}, False), ({"tie_word_embeddings": True}, False), ({"rope_scaling_factor": 4.0}, True)],
+)
+def test_logits_match_hf_assembly(
+    single_rank, tmp_path, tokenizer_dir, llm_overrides, transformers4
+):
+    llm = tiny_llm_config(vocab_size=320, **llm_overrides)
+    root = make_vila_checkpoint(
+        tmp_path / "ckpt",
+        tokenizer_dir,
+        llm,
+        tiny_vision_config(),
+        transformers4_rope=transformers4,
+    )
+    model, tokenizer = load_vila(root, ParallelConfig(), torch.device("cpu"), torch.float32)
+    batch = prompt_batch(tokenizer, model.cfg, frames=3)
+    reference = HFLongVILA(root)
+    with torch.no_grad():
+        ours = gather_from_tensor_model_parallel_region(model(batch))[:, 0, : llm.vocab_size]
+        embeds = reference.embeddings(batch.input_ids, batch.media_index, batch.frames)
+        ref = reference.llm(inputs_embeds=embeds).logits[0]
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_malformed_checkpoints_are_refused(single_rank, tmp_path, tokenizer_dir):
+    good = make_vila_checkpoint(
+        tmp_path / "good", tokenizer_dir, tiny_llm_config(vocab_size=320), tiny_vision_config()
+    )
+
+    def broken(name, edit):
+        root = tmp_path / name
+        shutil.copytree(good, root)
+        edit(root)
+        with pytest.raises(CheckpointError) as err:
+            load_vila(root, ParallelConfig(), torch.device("cpu"), torch.float32)
+        return str(err.value)
+
+    msg = broken("no_tower", lambda r: shutil.rmtree(r / "vision_tower"))
+    assert "vision_tower/" in msg
+
+    def wrong_projector(root):
+        (root / "mm_projector" / "config.json").write_text(
+            json.dumps({"mm_projector_type": "mlp2x_gelu"})
+        )
+
+    assert "mlp2x_gelu" in broken("projector", wrong_projector)
+
+    def wrong_width(root):
+        path = root / "llm" / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["intermediate_size"] += 8
+        path.write_text(json.dumps(cfg))
+
+    msg = broken("shape", wrong_width)
+    assert "mlp.gate_proj.weight" in msg and "shape" in msg
+
+    def missing_layer(root):
+        path = root / "llm" / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg["num_hidden_layers"] += 1
+        cfg.pop("layer_types", None)
+        path.write_text(json.dumps(cfg))
+
+    assert "model.layers.2" in broken("layers", missing_layer)
