@@ -46,58 +46,78 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unsqueeze(2).expand(t, h, groups, d).reshape(t, h * groups, d)
 
 
-def _bhsd(x: torch.Tensor) -> torch.Tensor:
-    """[s, h, d] -> [1, h, s, d] as a view."""
-    return x.transpose(0, 1).unsqueeze(0)
+def _runs(cu_q: Boundaries, cu_k: Boundaries):
+    """Runs of consecutive non-empty samples with equal q and k lengths, as
+    (q start, k start, samples, q length, k length): each run is one batched kernel call."""
+    i, n = 0, len(cu_q) - 1
+    while i < n:
+        lq, lk = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
+        j = i + 1
+        while j < n and cu_q[j + 1] - cu_q[j] == lq and cu_k[j + 1] - cu_k[j] == lk:
+            j += 1
+        if lq and lk:
+            yield cu_q[i], cu_k[i], j - i, lq, lk
+        i = j
+
+
+def _bhsd(x: torch.Tensor, samples: int) -> torch.Tensor:
+    """[samples * s, h, d] -> [samples, h, s, d] as a view."""
+    t, h, d = x.shape
+    return x.view(samples, t // samples, h, d).transpose(1, 2)
+
+
+def _thd(x: torch.Tensor) -> torch.Tensor:
+    """[samples, h, s, d] -> [samples * s, h, d]."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b * s, h, d)
 
 
 class TorchKernel:
-    """torch's fused flash-attention for CPU; packed samples run one after another."""
+    """torch's fused flash-attention for CPU, one call per run of equal-length samples (all
+    frames of the tower, or the rows of an unpacked batch, go in one call)."""
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, causal, scale):
         groups = q.shape[1] // k.shape[1]
         k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        h = q.shape[1]
         out = q.new_zeros(q.shape)
         lse_dtype = torch.promote_types(q.dtype, torch.float32)
-        lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype)
-        for i in range(len(cu_q) - 1):
-            qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
-            if qs.start == qs.stop or ks.start == ks.stop:
-                continue
+        lse = q.new_full((h, q.shape[0]), float("-inf"), dtype=lse_dtype)
+        for q0, k0, n, lq, lk in _runs(cu_q, cu_k):
+            qs, ks = slice(q0, q0 + n * lq), slice(k0, k0 + n * lk)
             o, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _bhsd(q[qs]), _bhsd(k[ks]), _bhsd(v[ks]), 0.0, causal, scale=scale
+                _bhsd(q[qs], n), _bhsd(k[ks], n), _bhsd(v[ks], n), 0.0, causal, scale=scale
             )
-            out[qs] = o[0].transpose(0, 1)
-            lse[:, qs] = block_lse[0]
+            out[qs] = _thd(o)
+            lse[:, qs] = block_lse.transpose(0, 1).reshape(h, n * lq)
         return out, lse
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
         hkv = k.shape[1]
         groups = q.shape[1] // hkv
+        h = q.shape[1]
         ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
         dq = torch.zeros_like(q)
         dke = torch.zeros_like(ke)
         dve = torch.zeros_like(ve)
-        for i in range(len(cu_q) - 1):
-            qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
-            if qs.start == qs.stop or ks.start == ks.stop:
-                continue
+        for q0, k0, n, lq, lk in _runs(cu_q, cu_k):
+            qs, ks = slice(q0, q0 + n * lq), slice(k0, k0 + n * lk)
             g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _bhsd(dout[qs]),
-                _bhsd(q[qs]),
-                _bhsd(ke[ks]),
-                _bhsd(ve[ks]),
-                _bhsd(out[qs]),
-                lse[:, qs].unsqueeze(0),
+                _bhsd(dout[qs], n),
+                _bhsd(q[qs], n),
+                _bhsd(ke[ks], n),
+                _bhsd(ve[ks], n),
+                _bhsd(out[qs], n),
+                lse[:, qs].view(h, n, lq).transpose(0, 1),
                 0.0,
                 causal,
                 scale=scale,
             )
-            dq[qs] = g_q[0].transpose(0, 1)
-            dke[ks] = g_k[0].transpose(0, 1)
-            dve[ks] = g_v[0].transpose(0, 1)
+            dq[qs] = _thd(g_q)
+            dke[ks] = _thd(g_k)
+            dve[ks] = _thd(g_v)
         if groups > 1:
             t, _, d = k.shape
             dke = dke.view(t, hkv, groups, d).sum(2)
