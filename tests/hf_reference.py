@@ -237,3 +237,46 @@ class HFLongVILA:
             next_embed = self.llm.get_input_embeddings()(torch.tensor([[token]]))
             embeds = torch.cat([embeds, next_embed], dim=1)
         return out
+
+
+def tokenizer_without_media_tokens(tokenizer_dir: Path, out_dir: Path) -> Path:
+    """A copy of a `train_tokenizer` tokenizer without VILA's media tokens (the last ids), like
+    a plain Qwen2 tokenizer: a model loaded with it must grow its embeddings."""
+    from longvila_mcore.data.tokenizer import MEDIA_TOKENS
+
+    tokenizer = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [
+        t for t in tokenizer["added_tokens"] if t["content"] not in MEDIA_TOKENS
+    ]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True)
+    for file in Path(tokenizer_dir).iterdir():
+        if file.name != "tokenizer.json":
+            (out_dir / file.name).write_bytes(file.read_bytes())
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return out_dir
+
+
+def cast_vila_checkpoint(root: Path, dtype: torch.dtype) -> Path:
+    """Store every tensor of a VILA-layout checkpoint in `dtype` (the releases are bfloat16)."""
+    root = Path(root)
+    for path in root.glob("*/*.safetensors"):
+        save_file({k: v.to(dtype) for k, v in load_file(path).items()}, path, {"format": "pt"})
+    for path in (root / "llm" / "config.json", root / "vision_tower" / "config.json"):
+        cfg = json.loads(path.read_text())
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(cfg))
+    return root
+
+
+def vila_tensors(root: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a VILA-layout checkpoint as `component/name`, tower names as released
+    (with the `vision_model.` prefix that transformers 5 drops when it saves)."""
+    tensors = {}
+    for path in sorted(Path(root).glob("*/*.safetensors")):
+        component = path.parent.name
+        for name, tensor in load_file(path).items():
+            if component == "vision_tower" and not name.startswith("vision_model."):
+                name = f"vision_model.{name}"
+            tensors[f"{component}/{name}"] = tensor
+    return tensors

@@ -127,24 +127,49 @@ def _released_name(component: str, name: str) -> str:
     return name
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
+
+
 class SafetensorsReader:
     """Tensors of the three subfolders by (component, name), read lazily one at a time."""
 
     def __init__(self, hf_dir: str | Path):
         root = check_layout(hf_dir)
-        self._files: dict[str, dict[str, Path]] = {}
+        self._files: dict[str, dict[str, tuple[Path, str]]] = {}
+        self._headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         for component in COMPONENTS:
             files = sorted((root / component).glob("*.safetensors"))
             if not files:
                 raise CheckpointError(f"{root / component} holds no *.safetensors file")
-            index = {}
+            index, headers = {}, {}
             for path in files:
                 with safe_open(path, "pt") as f:
-                    index.update({_released_name(component, n): (path, n) for n in f.keys()})  # noqa: SIM118
+                    for stored in f.keys():  # noqa: SIM118
+                        name, info = _released_name(component, stored), f.get_slice(stored)
+                        index[name] = (path, stored)
+                        headers[name] = (tuple(info.get_shape()), info.get_dtype())
             self._files[component] = index
+            self._headers[component] = headers
 
     def names(self, component: str) -> set[str]:
         return set(self._files[component])
+
+    def shape(self, component: str, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header (nothing is read)."""
+        return self._headers[component][name][0]
+
+    def dtype(self, component: str) -> torch.dtype:
+        """The dtype of a component's tensors; float32 (which holds each of them exactly) when
+        they are mixed."""
+        kinds = {dtype for _, dtype in self._headers[component].values()}
+        if len(kinds) == 1 and (kind := kinds.pop()) in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[kind]
+        return torch.float32
 
     def read(self, component: str, name: str) -> torch.Tensor:
         """One tensor by its released name."""
@@ -179,6 +204,38 @@ def load_tokenizer(hf_dir: str | Path) -> tuple[PreTrainedTokenizerBase, MediaTo
     return tokenizer, ensure_media_tokens(tokenizer)
 
 
+def read_config_and_tokenizer(
+    hf_dir: str | Path,
+) -> tuple[ModelConfig, PreTrainedTokenizerBase, MediaTokenIds]:
+    """The model config and tokenizer of a checkpoint, the vocabulary grown to the tokenizer.
+
+    When the tokenizer lacked the media tokens, the embedding (and untied output) tables grow to
+    the new vocabulary; the added rows are zero (media-token embeddings are never used as inputs).
+    """
+    cfg = read_model_config(hf_dir)
+    tokenizer, media = load_tokenizer(hf_dir)
+    cfg.llm.vocab_size = max(cfg.llm.vocab_size, len(tokenizer))
+    return cfg, tokenizer, media
+
+
+def tokenizer_files(hf_dir: str | Path) -> list[Path]:
+    """The files of `llm/` other than the model's own (its config, generation config and
+    weights): the tokenizer, whatever files its kind uses."""
+    model_files = {"config.json", "generation_config.json"}
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+    return sorted(
+        p
+        for p in (check_layout(hf_dir) / "llm").iterdir()
+        if p.is_file() and p.name not in model_files and not p.name.endswith(weights)
+    )
+
+
+def unused_tensors(cfg: ModelConfig) -> dict[str, set[str]]:
+    """HF tensors a checkpoint may hold that the model does not load, by component: tied
+    checkpoints sometimes still store the (identical) output matrix."""
+    return {"llm": {"lm_head.weight"}} if cfg.llm.tie_word_embeddings else {}
+
+
 def longvila_rules(cfg: ModelConfig, tp: int) -> list[Rule]:
     """Every tensor of the composed model: decoder, tower, projector."""
     padded = padded_vocab_size(cfg.llm.vocab_size, tp)
@@ -191,20 +248,12 @@ def load_vila(
     device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[LongVILAModel, PreTrainedTokenizerBase]:
-    """Build LongVILAModel for this rank's layout and fill it from a VILA-layout checkpoint.
-
-    When the tokenizer lacked the media tokens, the embedding (and untied output) tables grow to
-    the new vocabulary; the added rows are zero (media-token embeddings are never used as inputs).
-    """
-    cfg = read_model_config(hf_dir)
-    tokenizer, _ = load_tokenizer(hf_dir)
-    cfg.llm.vocab_size = max(cfg.llm.vocab_size, len(tokenizer))
-    model = LongVILAModel(cfg, parallel, device, dtype)
+    """Build LongVILAModel for this rank's layout and fill it from a VILA-layout checkpoint."""
+    cfg, tokenizer, _ = read_config_and_tokenizer(hf_dir)
+    model = LongVILAModel(cfg, parallel, device, dtype, initialize=False)
     rules = longvila_rules(cfg, parallel.tp)
     reader = SafetensorsReader(hf_dir)
-    # Tied checkpoints sometimes still store the (identical) output matrix.
-    ignore = {"llm": {"lm_head.weight"}} if cfg.llm.tie_word_embeddings else None
-    reader.check_complete(rules, ignore)
+    reader.check_complete(rules, unused_tensors(cfg))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     load_full_tensors(model, rules, reader.read, tp_rank, parallel.tp)
     return model, tokenizer

@@ -9,7 +9,10 @@ encodes its share of the frames and receives exactly the embeddings of its own t
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import (
+    copy_tensor_model_parallel_attributes,
+    vocab_parallel_cross_entropy,
+)
 from megatron.core.transformer.module import MegatronModule
 
 from longvila_mcore.config import ModelConfig, ParallelConfig
@@ -34,20 +37,37 @@ class LongVILAModel(MegatronModule):
         dtype: torch.dtype = torch.float32,
         pre_process: bool = True,
         post_process: bool = True,
+        initialize: bool = True,
     ):
+        """`initialize=False` skips the random initialisation of the Megatron layers (their
+        weights are left unset), for a model filled from a checkpoint right away: a 7B model
+        would otherwise draw every weight in fp32 first."""
         parallel.check_model(cfg)
-        llm_config = qwen2_transformer_config(cfg.llm, parallel.tp, parallel.pp, dtype)
+        llm_config = qwen2_transformer_config(cfg.llm, parallel.tp, parallel.pp, dtype, initialize)
         super().__init__(config=llm_config)
         self.cfg = cfg
         backend = spec_backend(device)
         if pre_process:
-            tower_config = siglip_transformer_config(cfg.vision, parallel.tp, dtype)
+            tower_config = siglip_transformer_config(cfg.vision, parallel.tp, dtype, initialize)
             self.vision_tower = SiglipVisionTower(cfg.vision, tower_config, backend)
             self.mm_projector = build_projector(cfg, dtype)
         self.llm = Qwen2Model(cfg.llm, llm_config, backend, pre_process, post_process)
         self.pre_process, self.post_process = pre_process, post_process
         self.sp = init_sequence_parallel(parallel.ulysses, parallel.ring)
         self.sharder = ImageFirstSharder(self.sp)
+        if not initialize:
+            self._mark_tensor_parallel(cfg, parallel, device, dtype)
+
+    def _mark_tensor_parallel(
+        self, cfg: ModelConfig, parallel: ParallelConfig, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        """Megatron marks how a weight is split over tensor-parallel ranks (`partition_dim`,
+        `partition_stride`) only while it initialises it. An uninitialised model takes the marks
+        from an initialised twin on the meta device, where initialising computes nothing."""
+        with torch.device("meta"):
+            twin = LongVILAModel(cfg, parallel, device, dtype, self.pre_process, self.post_process)
+        for param, marked in zip(self.parameters(), twin.parameters(), strict=True):
+            copy_tensor_model_parallel_attributes(param, marked)
 
     def set_trainable(self, vision_tower: bool, mm_projector: bool, llm: bool) -> None:
         """Freeze or unfreeze each part (the tower's unused layers always stay frozen)."""

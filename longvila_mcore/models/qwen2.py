@@ -19,8 +19,13 @@ from longvila_mcore.parallel.core_attention import PackedSamples
 
 
 def qwen2_transformer_config(
-    llm: LLMConfig, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32
+    llm: LLMConfig,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.float32,
+    initialize: bool = True,
 ) -> TransformerConfig:
+    """`initialize=False` leaves the weights unset, for a model that is loaded right after."""
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -40,10 +45,12 @@ def qwen2_transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         params_dtype=dtype,
+        pipeline_dtype=dtype,  # of the activations sent between pipeline stages
         bf16=dtype == torch.bfloat16,
         # Weights are created on the CPU from one full-size draw and then split, so a model
         # initialises identically whatever its tensor-parallel size.
         use_cpu_initialization=True,
+        perform_initialization=initialize,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
     )

@@ -29,8 +29,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def siglip_transformer_config(
-    vision: VisionConfig, tp: int = 1, dtype: torch.dtype = torch.float32
+    vision: VisionConfig,
+    tp: int = 1,
+    dtype: torch.dtype = torch.float32,
+    initialize: bool = True,
 ) -> TransformerConfig:
+    """`initialize=False` leaves the weights unset, for a tower that is loaded right after."""
     return TransformerConfig(
         num_layers=vision.num_layers,
         hidden_size=vision.hidden_size,
@@ -52,6 +56,7 @@ def siglip_transformer_config(
         bf16=dtype == torch.bfloat16,
         # As for the decoder: one full-size draw, then split, whatever the tensor-parallel size.
         use_cpu_initialization=True,
+        perform_initialization=initialize,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
     )

@@ -1,0 +1,143 @@
+"""This project's checkpoint format: a Megatron distributed checkpoint plus what it needs to run.
+
+```
+<checkpoint>/
+  metadata.json, common.pt, *.distcp    Megatron dist_checkpointing: "model" (+ training state)
+  longvila.json                         format version, ModelConfig, step, parallel layout;
+                                        "hf": the released configs it was converted from
+                                        (checkpoint/convert.py), kept for the way back
+  tokenizer/                            the tokenizer the model was trained with
+```
+
+Tensors are saved sharded and reshard on load, so weights written with one tensor-parallel /
+sequence-parallel layout load under any other. A checkpoint is written to `<name>.incomplete`
+and renamed when every rank has finished: a crash mid-save leaves the previous checkpoints intact
+and `<name>.incomplete` is ignored (and removed by the next save of that name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from transformers import PreTrainedTokenizerBase
+
+from longvila_mcore.checkpoint.tensors import CheckpointError
+from longvila_mcore.config import LLMConfig, ModelConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_FILE = "longvila.json"
+FORMAT_VERSION = 1
+INCOMPLETE = ".incomplete"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / FORMAT_FILE).is_file()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's `longvila.json`; raises CheckpointError for anything else."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint of this project (no {FORMAT_FILE})"
+        )
+    meta = json.loads((path / FORMAT_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    vision = dict(d["vision"])
+    vision["image_mean"] = tuple(vision["image_mean"])
+    vision["image_std"] = tuple(vision["image_std"])
+    return ModelConfig(
+        name=d["name"],
+        llm=LLMConfig(**d["llm"]),
+        vision=VisionConfig(**vision),
+        projector_type=d["projector_type"],
+    )
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    return model_config_from_dict(read_meta(path)["model"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase | Sequence[Path], folder: Path) -> None:
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer.save_pretrained(folder)
+        return
+    folder.mkdir()
+    for file in tokenizer:
+        shutil.copy2(file, folder / file.name)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model,
+    tokenizer: PreTrainedTokenizerBase | Sequence[Path],
+    extra: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` (a LongVILAModel; `extra`: more sharded state, e.g. the optimizer)
+    atomically to `path`. Every rank calls this; tensors are written by the ranks that hold them.
+
+    `tokenizer` is saved with `save_pretrained`, or given as its files, which are copied as they
+    are (conversion keeps the files of the released checkpoint).
+    """
+    final = Path(path)
+    tmp = final.with_name(final.name + INCOMPLETE)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict(), **(extra or {})}, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        _save_tokenizer(tokenizer, tmp / "tokenizer")
+        info = {
+            "format_version": FORMAT_VERSION,
+            "model": dataclasses.asdict(model.cfg),
+            **(meta or {}),
+        }
+        (tmp / FORMAT_FILE).write_text(json.dumps(info, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model, extra: dict[str, Any] | None = None) -> dict:
+    """Fill `model` from `path` (any saved layout); returns the loaded `extra` entries."""
+    path = Path(path)
+    read_meta(path)
+    state = dist_checkpointing.load(
+        {"model": model.sharded_state_dict(), **(extra or {})}, str(path)
+    )
+    model.load_state_dict(state.pop("model"))
+    return state
+
+
+def tokenizer_dir(path: str | Path) -> Path:
+    return Path(path) / "tokenizer"

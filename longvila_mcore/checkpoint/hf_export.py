@@ -1,0 +1,193 @@
+"""Write the VILA layout (REFERENCE 2), the way back from this project's checkpoints.
+
+The config files are written the way transformers 4.x wrote them (`rope_theta` / `rope_scaling`,
+`torch_dtype`; transformers 5 reads these too), over the ones a checkpoint carried from its HF
+origin, and the tensors as transformers saves them, in files of at most 5 GB.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from longvila_mcore.checkpoint.load import DEFAULT_NUM_FRAMES
+from longvila_mcore.config import ModelConfig
+
+MAX_SHARD_BYTES = 5 * 10**9
+"""Size limit of one safetensors file: transformers 4.x's `max_shard_size="5GB"`."""
+CONFIG_FILES = {
+    "config": "config.json",
+    "llm": "llm/config.json",
+    "generation_config": "llm/generation_config.json",
+    "vision_tower": "vision_tower/config.json",
+    "preprocessor": "vision_tower/preprocessor_config.json",
+    "mm_projector": "mm_projector/config.json",
+}
+"""The VILA layout's config files, by their key under "hf" in longvila.json."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class SafetensorsFiles:
+    """One component's tensors, saved as transformers saves them: `model.safetensors`, or files
+    of at most `max_bytes` named `model-0000i-of-0000n.safetensors` plus an index."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        folder.mkdir(parents=True)
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.written: list[list[str]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"part-{len(self.written)}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.written.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        count = len(self.written)
+        if count == 1:
+            (self.folder / "part-0.safetensors").rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.written):
+            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.folder / f"part-{i}.safetensors").rename(self.folder / name)
+            weight_map.update(dict.fromkeys(names, name))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+_QWEN2_DEFAULTS = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "use_sliding_window": False,
+}
+_SIGLIP_DEFAULTS = {
+    "architectures": ["SiglipVisionModel"],
+    "model_type": "siglip_vision_model",
+    "hidden_act": "gelu_pytorch_tanh",
+    "attention_dropout": 0.0,
+    "num_channels": 3,
+}
+_PREPROCESSOR_DEFAULTS = {
+    "image_processor_type": "SiglipImageProcessor",
+    "processor_class": "SiglipProcessor",
+    "do_resize": True,
+    "resample": 3,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+}
+_PROJECTOR_DEFAULTS = {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector"}
+_VILA_DEFAULTS = {
+    "architectures": ["LlavaLlamaModel"],
+    "model_type": "llava_llama",
+    "mm_vision_select_feature": "cls_patch",
+    "image_aspect_ratio": "resize",
+    "num_video_frames": DEFAULT_NUM_FRAMES,
+    "fps": 0.0,
+}
+# transformers 5 spellings, written back the way 4.x wrote them (torch_dtype, rope_theta and
+# rope_scaling), which both read.
+_TRANSFORMERS5_KEYS = ("dtype", "rope_parameters")
+
+
+def _merged(defaults: dict, carried: dict | None, **fields) -> dict[str, Any]:
+    merged = {**defaults, **(carried or {})}
+    for key in _TRANSFORMERS5_KEYS:
+        merged.pop(key, None)
+    return merged | fields
+
+
+def hf_configs(
+    cfg: ModelConfig, carried: dict[str, Any], dtypes: dict[str, torch.dtype]
+) -> dict[str, dict[str, Any]]:
+    """The VILA layout's config files (keys of CONFIG_FILES) for `cfg`, over the carried ones."""
+    llm, vision = cfg.llm, cfg.vision
+    scaling = llm.rope_scaling_factor
+    llm_cfg = _merged(
+        _QWEN2_DEFAULTS,
+        carried.get("llm"),
+        vocab_size=llm.vocab_size,
+        hidden_size=llm.hidden_size,
+        intermediate_size=llm.ffn_hidden_size,
+        num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_attention_heads,
+        num_key_value_heads=llm.num_key_value_heads,
+        rms_norm_eps=llm.rms_norm_eps,
+        max_position_embeddings=llm.max_position_embeddings,
+        tie_word_embeddings=llm.tie_word_embeddings,
+        rope_theta=llm.rope_theta,
+        rope_scaling=None if scaling is None else {"type": "linear", "factor": scaling},
+        torch_dtype=dtype_name(dtypes["llm"]),
+    )
+    tower_fields = dict(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.ffn_hidden_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_attention_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        layer_norm_eps=vision.layer_norm_eps,
+        vision_use_head=vision.use_head,
+    )
+    tower_cfg = carried.get("vision_tower") or {}
+    dtype = {"torch_dtype": dtype_name(dtypes["vision_tower"])}
+    if "vision_config" in tower_cfg:  # a full SiglipConfig: the tower is its vision part
+        nested = _merged({}, tower_cfg["vision_config"], **tower_fields)
+        tower_cfg = _merged({}, tower_cfg, vision_config=nested, **dtype)
+    else:
+        tower_cfg = _merged(_SIGLIP_DEFAULTS, tower_cfg, **tower_fields, **dtype)
+    projector_cfg = _merged(
+        _PROJECTOR_DEFAULTS,
+        carried.get("mm_projector"),
+        mm_projector_type=cfg.projector_type,
+        torch_dtype=dtype_name(dtypes["mm_projector"]),
+    )
+    configs = {
+        "config": _merged(
+            _VILA_DEFAULTS,
+            carried.get("config"),
+            hidden_size=llm.hidden_size,
+            mm_hidden_size=vision.hidden_size,
+            mm_vision_select_layer=vision.select_layer,
+            llm_cfg=llm_cfg,
+            vision_tower_cfg=tower_cfg,
+            mm_projector_cfg=projector_cfg,
+        ),
+        "llm": llm_cfg,
+        "vision_tower": tower_cfg,
+        "preprocessor": _merged(
+            _PREPROCESSOR_DEFAULTS,
+            carried.get("preprocessor"),
+            image_mean=list(vision.image_mean),
+            image_std=list(vision.image_std),
+            size={"height": vision.image_size, "width": vision.image_size},
+        ),
+        "mm_projector": projector_cfg,
+    }
+    if carried.get("generation_config"):
+        configs["generation_config"] = carried["generation_config"]
+    return configs
