@@ -114,12 +114,12 @@ def main() -> None:
     for length in args.lengths:
         batch = make_batch(length, LLM.vocab_size, media_id)
 
-        def our_step():
+        def our_step(batch=batch):
             loss_sum, count = ours.loss(batch)
             (loss_sum / count).backward()
             ours.zero_grad(set_to_none=True)
 
-        def hf_step():
+        def hf_step(batch=batch):
             embeds = hf.embeddings(batch.input_ids, batch.media_index, batch.frames)
             logits = hf.llm(inputs_embeds=embeds, position_ids=batch.position_ids[None]).logits
             F.cross_entropy(logits[0].float(), batch.labels, ignore_index=-100).backward()

@@ -153,3 +153,102 @@ class DataConfig:
     """Threads decoding samples ahead (0: in the main thread); the stream does not depend on it."""
     cache_dir: str | None = None
     """Base directory of the synthetic dataset; default $LONGVILA_CACHE or ~/.cache/longvila_mcore."""
+    tokenizer: str | None = None
+    """HF tokenizer directory for a model trained from scratch (a loaded or resumed checkpoint
+    brings its own); default: the synthetic dataset's."""
+
+
+TRAINABLE_PARTS = ("vision_tower", "mm_projector", "llm")
+DATA_KINDS = ("caption", "interleaved", "conversation", "text")
+
+
+@dataclass
+class StageConfig:
+    """One of the five LongVILA stages (REFERENCE 3): what learns, on what, how fast."""
+
+    name: str = "???"
+    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE_PARTS))
+    """Parts that learn, from `vision_tower`, `mm_projector`, `llm`; the rest is frozen."""
+    data_kind: str = "conversation"
+    """Which sample kind the stage reads: caption, interleaved, conversation or text."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    lr_schedule: str = "cosine"
+    """`cosine` (to zero at train.max_steps) or `constant`, both after a linear warm-up."""
+    warmup_ratio: float = 0.0
+    """Warm-up length as a fraction of train.max_steps (used when warmup_steps is 0)."""
+    warmup_steps: int = 0
+    """Warm-up length in steps; takes precedence over warmup_ratio when > 0."""
+    weight_decay: float = 0.0
+    num_frames: int = 8
+    """Frames sampled from each video (uniformly, or at `fps` capped at this)."""
+    fps: float | None = None
+    """Sample videos at this rate instead of uniformly over the clip."""
+    max_length: int = 4096
+    """Tokens of one packed micro-batch; longer samples are skipped and counted."""
+    rope_theta: float | None = None
+    """RoPE base for this stage (stage 4 raises it); None keeps the model's."""
+
+    def check(self) -> None:
+        unknown = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
+        if unknown or not self.trainable:
+            raise ValueError(
+                f"stage.trainable={self.trainable} must be a non-empty subset of {TRAINABLE_PARTS}"
+            )
+        if self.data_kind not in DATA_KINDS:
+            raise ValueError(f"stage.data_kind={self.data_kind!r} must be one of {DATA_KINDS}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"stage.lr_schedule={self.lr_schedule!r} must be cosine or constant")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = 200
+    """Optimizer steps of the run (a resumed run continues up to the same number)."""
+    global_batch_size: int = 8
+    """Samples per optimizer step, over all data-parallel ranks and accumulation steps."""
+    micro_batch_size: int = 4
+    """At most this many samples are packed into one forward/backward pass."""
+    seed: int = 1234
+    """Seeds weight initialisation and the data order."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (0: off)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    log_interval: int = 1
+    """Print a progress line every this many steps (metrics.jsonl gets every step)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/${stage.name}"
+    """Where metrics.jsonl, TensorBoard events and checkpoints/ go; rerunning resumes from it."""
+    tensorboard: bool = False
+    """Also write TensorBoard events under output_dir/tensorboard."""
+
+
+@dataclass
+class CheckpointConfig:
+    load: str | None = None
+    """Start from these weights (a checkpoint of ours or a VILA-layout HF directory): the previous
+    stage. Ignored when output_dir already holds a checkpoint to resume."""
+    save_interval: int = 0
+    """Save every this many steps; 0 saves only at the end of the run."""
+    keep_last: int = 2
+    """Checkpoints kept in output_dir/checkpoints (older ones are deleted)."""
+
+
+@dataclass
+class Config:
+    """Everything a training run is: `python -m longvila_mcore.train +stage=<name> [overrides]`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

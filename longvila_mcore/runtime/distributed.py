@@ -29,20 +29,24 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     """
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-        )
+    # Without torchrun: a group of one on a free loopback port, passed explicitly rather than
+    # through os.environ, so subprocesses this process starts do not inherit a taken port.
+    alone = (
+        {}
+        if "RANK" in os.environ
+        else {
+            "init_method": f"tcp://127.0.0.1:{_free_port()}",
+            "rank": 0,
+            "world_size": 1,
+        }
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         timeout=datetime.timedelta(minutes=timeout_minutes),
         device_id=device if device.type == "cuda" else None,
+        **alone,
     )
 
 

@@ -1,0 +1,276 @@
+"""Train one LongVILA stage: `python -m longvila_mcore.train +stage=<name> [overrides]`.
+
+Read top to bottom: validate the config, start the process groups, pick the model (resumed
+checkpoint > checkpoint.load > model=), build model / optimizer / data, then the step loop.
+One optimizer step = this rank's micro-batches of `train.global_batch_size` samples; the loss
+is the mean over every target token of the global batch (REFERENCE 5.4), whatever the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from longvila_mcore.config import Config, ModelConfig
+from longvila_mcore.runtime import default_device, default_dtype, init_distributed
+
+log = logging.getLogger("longvila_mcore.train")
+
+STAGES = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "stage").glob("*.yaml"))
+
+ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _resolve(cfg: DictConfig) -> Config:
+    """The typed config, with the errors a user can cause turned into one clear message."""
+    if OmegaConf.is_missing(cfg.stage, "name"):
+        raise ValueError(f"no stage selected: add +stage=<name>, one of {' '.join(STAGES)}")
+    config: Config = OmegaConf.to_object(cfg)
+    config.stage.check()
+    return config
+
+
+def _model_source(config: Config) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume, checkpoint to start from): resuming wins over checkpoint.load."""
+    from longvila_mcore.checkpoint.resume import latest_checkpoint
+
+    resume = latest_checkpoint(Path(config.run.output_dir))
+    return resume, None if resume else config.checkpoint.load
+
+
+def _starting_point(
+    config: Config, source: Path | str | None
+) -> tuple[ModelConfig, PreTrainedTokenizerBase, dict]:
+    """(model dimensions, tokenizer, what to keep of an HF origin) of the run's start: the
+    checkpoint it starts from, else `model=` and the data's tokenizer."""
+    from longvila_mcore.checkpoint import convert, hf
+    from longvila_mcore.checkpoint import dist as mcore_ckpt
+    from longvila_mcore.data.tokenizer import ensure_media_tokens
+
+    origin: dict = {}
+    if source is None:
+        model = config.model
+        path = config.data.tokenizer
+        if path is None:
+            from longvila_mcore.data.synthetic import synthetic_paths
+
+            path = synthetic_paths(config.data.cache_dir).tokenizer_dir
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ensure_media_tokens(tokenizer)
+    elif mcore_ckpt.is_checkpoint(source):
+        model = mcore_ckpt.read_model_config(source)
+        tokenizer = AutoTokenizer.from_pretrained(mcore_ckpt.tokenizer_dir(source))
+        origin = {"hf": mcore_ckpt.read_meta(source).get("hf")}
+    else:
+        model, tokenizer, _ = hf.read_config_and_tokenizer(source)
+        origin = {"hf": convert.hf_origin(Path(source), hf.SafetensorsReader(source))}
+    if config.stage.rope_theta is not None:
+        model.llm.rope_theta = config.stage.rope_theta
+    if len(tokenizer) > model.llm.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size="
+            f"{model.llm.vocab_size}; raise model.llm.vocab_size"
+        )
+    return model, tokenizer, origin
+
+
+def _load_weights(model, source: str, tp: int) -> None:
+    """Weights only (the previous stage): a checkpoint of ours or a VILA-layout directory."""
+    from megatron.core import parallel_state
+
+    from longvila_mcore.checkpoint import dist as mcore_ckpt
+    from longvila_mcore.checkpoint import hf
+    from longvila_mcore.checkpoint.tensors import load_full_tensors
+
+    if mcore_ckpt.is_checkpoint(source):
+        mcore_ckpt.load_checkpoint(source, model)
+        return
+    rules = hf.longvila_rules(model.cfg, tp)
+    reader = hf.SafetensorsReader(source)
+    reader.check_complete(rules, hf.unused_tensors(model.cfg))
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    load_full_tensors(model, rules, reader.read, tp_rank, tp)
+
+
+def train(config: Config) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from longvila_mcore.checkpoint.resume import resume_train_checkpoint, save_train_checkpoint
+    from longvila_mcore.data.pipeline import build_pipeline
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.runtime import init_model_parallel
+    from longvila_mcore.training.metrics import MetricsWriter
+    from longvila_mcore.training.optimizer import Optimizer
+    from longvila_mcore.training.schedule import learning_rate
+
+    stage, parallel, train_cfg = config.stage, config.parallel, config.train
+    device = default_device()
+    dtype = default_dtype(device)
+    output_dir = Path(config.run.output_dir)
+
+    # --- model choice, checked before any tensor exists
+    resume, load = _model_source(config)
+    if config.data.name == "synthetic" and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        from longvila_mcore.data.synthetic import synthetic_paths
+
+        synthetic_paths(config.data.cache_dir)  # generated once per node, before the others read
+    dist.barrier()
+    model_cfg, tokenizer, origin = _starting_point(config, resume or load)
+    parallel.check_model(model_cfg)
+    dp = init_model_parallel(parallel)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+    # --- model, optimizer, data
+    torch.manual_seed(train_cfg.seed)
+    model = LongVILAModel(model_cfg, parallel, device, dtype).to(device)
+    if load is not None:
+        _load_weights(model, load, parallel.tp)
+        log.info("loaded weights from %s", load)
+    parts = set(stage.trainable)
+    model.set_trainable("vision_tower" in parts, "mm_projector" in parts, "llm" in parts)
+    model.config.calculate_per_token_loss = True  # gradients are summed, not averaged, over dp x sp
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        model,
+    )
+    optimizer = Optimizer(
+        ddp,
+        stage.lr,
+        stage.weight_decay,
+        (train_cfg.adam_beta1, train_cfg.adam_beta2),
+        train_cfg.adam_eps,
+        train_cfg.clip_grad,
+    )
+    pipeline = build_pipeline(
+        config.data,
+        stage.data_kind,
+        tokenizer,
+        model_cfg,
+        num_frames=max(1, stage.num_frames),
+        fps=stage.fps,
+        max_length=stage.max_length,
+        global_batch_size=train_cfg.global_batch_size,
+        micro_batch_size=train_cfg.micro_batch_size,
+        pad_multiple=2 * parallel.sp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+        seed=train_cfg.seed,
+    )
+    step = 0
+    if resume is not None:
+        step, data_state = resume_train_checkpoint(resume, model, optimizer, pipeline.state_dict())
+        pipeline.load_state_dict(data_state)
+        log.info("resumed from %s after step %d", resume, step)
+        if step >= train_cfg.max_steps:
+            log.info("already at train.max_steps=%d: nothing to do", train_cfg.max_steps)
+    meta = {"stage": stage.name, "config": dataclasses.asdict(config), **origin}
+
+    # --- the loop
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_sp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    metrics = MetricsWriter(
+        output_dir, step, train_cfg.max_steps, train_cfg.log_interval, config.run.tensorboard, rank0
+    )
+    model.train()
+    while step < train_cfg.max_steps:
+        start = time.perf_counter()
+        micro_batches = [b.to(device) for b in next(pipeline)]
+        counts = torch.tensor(
+            [
+                sum(b.num_targets for b in micro_batches),
+                sum(b.input_ids.numel() for b in micro_batches),
+                sum(pipeline.skipped.values()),
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        dist.all_reduce(counts, group=dp_group)
+        num_targets, tokens, skipped = (int(c) for c in counts.tolist())
+        if num_targets == 0:
+            raise ValueError(
+                f"step {step + 1} has no target tokens: check the data and stage.data_kind"
+            )
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in micro_batches:
+            local_sum, _ = model.loss(batch)  # DDP's gradient hooks sit on the parameters
+            (local_sum / num_targets).backward()
+            loss_sum += local_sum.detach()
+        ddp.finish_grad_sync()
+        dist.all_reduce(loss_sum, group=dp_sp_group)
+        lr = learning_rate(stage, step, train_cfg.max_steps)
+        optimizer.set_lr(lr)
+        grad_norm = optimizer.step()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        step += 1
+        metrics.write(
+            {
+                "step": step,
+                "loss": loss_sum.item() / num_targets,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "step_time_s": time.perf_counter() - start,
+                "skipped_samples": skipped,
+            }
+        )
+        interval = config.checkpoint.save_interval
+        if step == train_cfg.max_steps or (interval and step % interval == 0):
+            save_train_checkpoint(
+                output_dir,
+                step,
+                model,
+                optimizer,
+                tokenizer,
+                pipeline.state_dict(),
+                meta,
+                config.checkpoint.keep_last,
+            )
+    metrics.close()
+    pipeline.close()
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter bucket listings
+    try:
+        config = _resolve(cfg)
+        config.parallel.data_parallel_size(int(os.environ.get("WORLD_SIZE", 1)))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    device = default_device()
+    init_distributed(device)
+    try:
+        train(config)
+    except ValueError as err:  # bad config, data or checkpoint: one line, not a traceback
+        print(f"error (rank {dist.get_rank()}): {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training components: optimizer, learning-rate schedule, metrics."""

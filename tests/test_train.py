@@ -1,0 +1,269 @@
+"""The training entry point, run for real on the tiny model and the synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from longvila_mcore.config import Config
+from longvila_mcore.train import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+# Steps of 8 samples at a constant learning rate, so a 3-step run follows the first 3 steps of
+# the 6-step reference run exactly.
+BASE = ["train.global_batch_size=8", "train.micro_batch_size=4", "stage.lr_schedule=constant"]
+REFERENCE = ["train.max_steps=6", "checkpoint.save_interval=3"]
+STAGE = "+stage=5_sft_256f"
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env() -> dict:
+    """This process's environment minus any process-group variables (pytest itself may run
+    under a launcher), so each run forms its own group."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(output_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(_free_port()),
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
+    if not any(o.startswith("+stage=") for o in overrides):
+        overrides = (STAGE, *overrides)
+    module = ["-m", "longvila_mcore.train", *BASE, f"run.output_dir={output_dir}"]
+    return [*launcher, *module, *overrides]
+
+
+def run_train(output_dir: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        train_command(output_dir, *overrides, nproc=nproc),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """Loss per step; a step executed twice (before and after a crash) keeps its last value."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def close(a: dict[int, float], b: dict[int, float], steps, rel: float) -> bool:
+    return all(abs(a[s] - b[s]) <= rel * abs(b[s]) for s in steps)
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_every_stage_composes():
+    assert len(STAGES) == 11
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        for stage in STAGES:
+            cfg = compose("config", overrides=[f"+stage={stage}"])
+            config: Config = OmegaConf.to_object(cfg)
+            config.stage.check()
+            assert config.stage.name == stage
+    assert config.model.name == "longvila_tiny" and config.data.name == "synthetic"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+stage=6_unknown", "stage/6_unknown"),
+        ("train.max_stepz=3", "max_stepz"),
+        ("train.max_steps=abc", "max_steps"),
+    ],
+)
+def test_bad_override_is_one_clear_error(tmp_path, override, message):
+    args = [sys.executable, "-m", "longvila_mcore.train", override]
+    if not override.startswith("+stage"):
+        args.insert(3, "+stage=3_sft")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_missing_stage_names_the_choices(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "longvila_mcore.train"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "+stage=<name>" in done.stderr and "5_sft_1024f" in done.stderr
+
+
+# --- freezing per stage ---------------------------------------------------------------------
+
+
+def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    model = {k: v for k, v in meta.items() if not k.startswith("optimizer")}
+    loaded = dist_checkpointing.load(model, str(checkpoint))
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def _parts_changed(before: dict, after: dict) -> dict[str, bool]:
+    changed = {"vision_tower": False, "mm_projector": False, "llm": False}
+    for key, tensor in before.items():
+        if not torch.equal(tensor, after[key]):
+            changed[key.split(".")[0]] = True
+    return changed
+
+
+@pytest.mark.slow
+def test_stage1_trains_only_the_projector_and_stage4_only_the_llm(tmp_path, single_rank):
+    start = tmp_path / "start"
+    run_train(start, "+stage=3_sft", "train.max_steps=1")
+    ckpt = start / "checkpoints" / "step_0000001"
+    before = _model_tensors(ckpt)
+    for stage, learns in (("1_align", {"mm_projector"}), ("4_extend_llm_64k", {"llm"})):
+        out = tmp_path / stage
+        run_train(out, f"+stage={stage}", "train.max_steps=2", f"checkpoint.load={ckpt}")
+        after = _model_tensors(out / "checkpoints" / "step_0000002")
+        changed = _parts_changed(before, after)
+        assert {part for part, c in changed.items() if c} == learns, (stage, changed)
+    meta = json.loads(
+        (tmp_path / "4_extend_llm_64k/checkpoints/step_0000002/longvila.json").read_text()
+    )
+    assert meta["model"]["llm"]["rope_theta"] == 15_300_000  # stage 4 raised RoPE theta
+
+
+# --- layouts give the same losses -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """Losses of an uninterrupted one-process run of 6 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    run_train(out, *REFERENCE)
+    return losses(out)
+
+
+@pytest.mark.slow
+def test_parallel_layouts_match_one_process(tmp_path, reference):
+    steps = ["train.max_steps=3"]
+    for name, overrides, nproc in (
+        ("tp2_u2", ["parallel.tp=2", "parallel.ulysses=2"], 4),
+        ("u2_r2", ["parallel.ulysses=2", "parallel.ring=2"], 4),
+    ):
+        out = tmp_path / name
+        run_train(out, *steps, *overrides, nproc=nproc)
+        assert close(losses(out), reference, range(1, 4), 1e-4), (name, losses(out), reference)
+
+
+@pytest.mark.slow
+def test_two_node_data_parallel_launch_matches_one_process(tmp_path, reference):
+    """`launch/torchrun.sh` on two "nodes" of one process each (gloo over loopback): data
+    parallel 2 with the same global batch gives the one-process losses."""
+    out = tmp_path / "two_nodes"
+    port = str(_free_port())
+    args = [STAGE, *BASE, f"run.output_dir={out}", "train.max_steps=3"]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
+            env={
+                **_env(),
+                "NNODES": "2",
+                "NODE_RANK": str(rank),
+                "NPROC_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            },
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        output, _ = node.communicate(timeout=600)
+        assert node.returncode == 0, output[-4000:]
+    assert close(losses(out), reference, range(1, 4), 1e-4)
+
+
+# --- exact resume -----------------------------------------------------------------------------
+
+
+def _kill_when(path_exists: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path_exists.exists():
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.monotonic() < deadline, f"{path_exists} never appeared"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint-writer helpers, like a crash
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_resume_after_stop_and_after_kill_during_save(tmp_path, reference):
+    run = REFERENCE
+
+    def start(out: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            train_command(out, *run),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+    # Stopped (kill -9) once step 3's checkpoint is complete, then started again.
+    stopped = tmp_path / "stopped"
+    _kill_when(stopped / "checkpoints" / "step_0000003" / "longvila.json", start(stopped))
+    run_train(stopped, *run)
+    assert close(losses(stopped), reference, range(4, 7), 1e-6)
+
+    # Killed in the middle of writing step 6's checkpoint: step 3's is used, the broken one
+    # ignored (and cleaned up by the next save).
+    crashed = tmp_path / "crashed"
+    _kill_when(crashed / "checkpoints" / "step_0000006.incomplete", start(crashed))
+    assert (crashed / "checkpoints" / "step_0000003" / "longvila.json").is_file()
+    run_train(crashed, *run)
+    assert close(losses(crashed), reference, range(4, 7), 1e-6)
+    names = sorted(p.name for p in (crashed / "checkpoints").iterdir())
+    assert names == ["step_0000003", "step_0000006"]
