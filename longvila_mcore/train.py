@@ -257,6 +257,11 @@ def main(cfg: DictConfig) -> None:
     try:
         config = _resolve(cfg)
         config.parallel.data_parallel_size(int(os.environ.get("WORLD_SIZE", 1)))
+        if config.parallel.pp > 1:
+            raise ValueError(
+                f"parallel.pp={config.parallel.pp}: the training loop has no pipeline schedule; "
+                "use parallel.tp / ulysses / ring (checkpoints of any pp load under pp=1)"
+            )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

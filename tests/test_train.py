@@ -267,3 +267,73 @@ def test_resume_after_stop_and_after_kill_during_save(tmp_path, reference):
     assert close(losses(crashed), reference, range(4, 7), 1e-6)
     names = sorted(p.name for p in (crashed / "checkpoints").iterdir())
     assert names == ["step_0000003", "step_0000006"]
+
+
+# --- starting from a converted checkpoint -----------------------------------------------------
+
+
+def hf_loss(reference, batches) -> float:
+    """Mean cross-entropy over every target of `batches`, each packed sample run on its own
+    through the HF-assembled model."""
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            bounds = batch.cu_seqlens.tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                embeds = reference.embeddings(
+                    batch.input_ids[start:end], batch.media_index[start:end], batch.frames
+                )
+                logits = reference.llm(inputs_embeds=embeds).logits[0]
+                labels = batch.labels[start:end]
+                total += torch.nn.functional.cross_entropy(
+                    logits, labels, ignore_index=-100, reduction="sum"
+                ).item()
+                targets += int((labels != -100).sum())
+    return total / targets
+
+
+@pytest.mark.slow
+def test_training_from_a_converted_checkpoint_starts_from_its_weights(tmp_path):
+    """checkpoint.load of an hf-to-mcore conversion: the first loss equals the HF model's loss
+    on the same batch."""
+    from longvila_mcore.checkpoint.convert import hf_to_mcore
+    from longvila_mcore.checkpoint.hf import read_config_and_tokenizer
+    from longvila_mcore.config import DataConfig
+    from longvila_mcore.data.pipeline import build_pipeline
+    from longvila_mcore.data.synthetic import synthetic_paths
+    from tests.hf_reference import (
+        HFLongVILA,
+        make_vila_checkpoint,
+        tiny_llm_config,
+        tiny_vision_config,
+    )
+
+    hf_dir = make_vila_checkpoint(
+        tmp_path / "hf",
+        synthetic_paths().tokenizer_dir,
+        tiny_llm_config(vocab_size=512),
+        tiny_vision_config(),
+    )
+    mcore = hf_to_mcore(hf_dir, tmp_path / "mcore", tp=2)
+    out = tmp_path / "run"
+    run_train(out, "+stage=3_sft", "train.max_steps=1", f"checkpoint.load={mcore}")
+
+    cfg, tokenizer, _ = read_config_and_tokenizer(hf_dir)
+    pipeline = build_pipeline(
+        DataConfig(),
+        "conversation",
+        tokenizer,
+        cfg,
+        num_frames=8,
+        fps=None,
+        max_length=4096,
+        global_batch_size=8,
+        micro_batch_size=4,
+        pad_multiple=2,
+        dp_rank=0,
+        dp_size=1,
+        seed=1234,
+    )
+    expected = hf_loss(HFLongVILA(hf_dir), next(pipeline))
+    pipeline.close()
+    assert abs(losses(out)[1] - expected) <= 1e-5 * expected

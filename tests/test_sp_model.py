@@ -1,0 +1,131 @@
+"""The whole LongVILA model under MM-SP: loss and every parameter's gradient equal one process.
+
+4 gloo ranks run the single-process model first (every rank alone, Megatron groups of one),
+then the same weights and batch under Ulysses 2 x ring 2 and under TP 2 x Ulysses 2. The video
+has 5 frames, which 4 sequence-parallel ranks do not divide; the tower's gradients are included.
+"""
+
+import pytest
+import torch
+
+from tests.multiproc import run_ranks
+
+TOLERANCE = 1e-5
+LAYOUTS = {"u2_r2": dict(ulysses=2, ring=2), "tp2_u2": dict(tp=2, ulysses=2)}
+
+
+def model_config():
+    from longvila_mcore.config import LLMConfig, ModelConfig, VisionConfig
+
+    return ModelConfig(
+        llm=LLMConfig(
+            vocab_size=96,
+            hidden_size=64,
+            num_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            ffn_hidden_size=96,
+            tie_word_embeddings=False,
+        ),
+        vision=VisionConfig(
+            image_size=28,
+            patch_size=7,
+            hidden_size=32,
+            num_layers=3,
+            num_attention_heads=2,
+            ffn_hidden_size=48,
+        ),
+    )
+
+
+def packed_batch(tokens_per_frame: int):
+    """Two samples of 40 and 56 tokens (multiples of 2 x 4): 3 frames in the first, 2 in the
+    second, each frame followed by a newline token; targets on the text after the frames."""
+    from longvila_mcore.data.batch import IGNORE_INDEX, Batch
+
+    g = torch.Generator().manual_seed(3)
+    ids, media, labels, positions = [], [], [], []
+    frame = 0
+    for length, frames in ((40, 3), (56, 2)):
+        sample_media = [-1] * 2
+        for _ in range(frames):
+            sample_media += [frame * tokens_per_frame + t for t in range(tokens_per_frame)] + [-1]
+            frame += 1
+        sample_media += [-1] * (length - len(sample_media))
+        sample_ids = torch.randint(0, 90, (length,), generator=g)
+        sample_ids[torch.tensor(sample_media) >= 0] = 95
+        text_start = 2 + frames * (tokens_per_frame + 1)
+        sample_labels = torch.full((length,), IGNORE_INDEX)
+        sample_labels[text_start:-1] = sample_ids[text_start + 1 :]
+        ids.append(sample_ids)
+        media += sample_media
+        labels.append(sample_labels)
+        positions.append(torch.arange(length))
+    return Batch(
+        input_ids=torch.cat(ids),
+        media_index=torch.tensor(media),
+        labels=torch.cat(labels),
+        position_ids=torch.cat(positions),
+        cu_seqlens=torch.tensor([0, 40, 96]),
+        frames=torch.randn(5, 3, 28, 28, generator=g),
+    )
+
+
+def loss_and_grads(parallel):
+    """(mean loss over all targets, {name: gradient} summed over the sequence-parallel ranks)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.runtime import init_model_parallel
+
+    init_model_parallel(parallel)
+    cfg = model_config()
+    torch.manual_seed(0)
+    model = LongVILAModel(cfg, parallel, torch.device("cpu"))
+    batch = packed_batch(cfg.tokens_per_frame)
+    loss_sum, _ = model.loss(batch)
+    (loss_sum / batch.num_targets).backward()
+    cp = parallel_state.get_context_parallel_group()
+    dist.all_reduce(loss_sum, group=cp)
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, group=cp)
+            grads[name] = (grad, p)
+    return (loss_sum / batch.num_targets).item(), grads
+
+
+def _compare_layouts():
+    from megatron.core import parallel_state
+
+    from longvila_mcore.checkpoint.mapping import tensor_parallel_slice
+    from longvila_mcore.config import ParallelConfig
+
+    ref_loss, ref_grads = loss_and_grads(ParallelConfig())  # dp 4: each rank alone
+    errors = {}
+    for name, layout in LAYOUTS.items():
+        parallel = ParallelConfig(**layout)
+        loss, grads = loss_and_grads(parallel)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        worst, worst_param = 0.0, None
+        for pname, (grad, param) in grads.items():
+            ref = tensor_parallel_slice(ref_grads[pname][0], param, tp_rank, parallel.tp)
+            err = ((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+            if err > worst:
+                worst, worst_param = err, pname
+        assert any(n.startswith("vision_tower.encoder") for n in grads)
+        errors[name] = {
+            "loss": abs(loss - ref_loss) / abs(ref_loss),
+            "grad": worst,
+            "param": worst_param,
+        }
+    return errors
+
+
+@pytest.mark.slow
+def test_model_loss_and_gradients_match_one_process():
+    errors = run_ranks(4, _compare_layouts)
+    for layout, e in errors.items():
+        assert e["loss"] <= TOLERANCE and e["grad"] <= TOLERANCE, (layout, e)
