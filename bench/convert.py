@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the HF-written checkpoint comes from the tests' references
 
 from longvila_mcore.checkpoint.hf import COMPONENTS, SafetensorsReader  # noqa: E402
-from longvila_mcore.config import LLMConfig, VisionConfig  # noqa: E402
+from longvila_mcore.config import model_preset  # noqa: E402
 from longvila_mcore.data.tokenizer import train_tokenizer  # noqa: E402
 from tests.hf_reference import cast_vila_checkpoint, make_vila_checkpoint  # noqa: E402
 
@@ -44,26 +44,8 @@ RESULTS = ROOT / "bench" / "results" / "convert.json"
 CLI = ROOT / "tools" / "convert_checkpoint.py"
 GiB = 2**30
 
-QWEN2_1_5B = LLMConfig(
-    vocab_size=151936,
-    hidden_size=1536,
-    num_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    ffn_hidden_size=8960,
-    rope_theta=15_300_000.0,
-    tie_word_embeddings=True,
-    max_position_embeddings=65536,
-)
-SIGLIP_SO400M_384 = VisionConfig(
-    image_size=384,
-    patch_size=14,
-    hidden_size=1152,
-    num_layers=27,
-    num_attention_heads=16,
-    ffn_hidden_size=4304,
-    use_head=True,
-)
+# The 1.5B release's shape (configs/model/longvila_1.5b.yaml).
+SHAPE = model_preset("longvila_1.5b")
 
 
 def checkpoint_1_5b(cache: Path) -> Path:
@@ -74,7 +56,7 @@ def checkpoint_1_5b(cache: Path) -> Path:
     work = Path(tempfile.mkdtemp(dir=cache))
     print(f"writing a random 1.5B-shape VILA checkpoint into {root} (once)")
     tokenizer = train_tokenizer(["a random checkpoint of the 1.5B shape"] * 8, 300, work / "tok")
-    built = make_vila_checkpoint(work / "ckpt", tokenizer, QWEN2_1_5B, SIGLIP_SO400M_384)
+    built = make_vila_checkpoint(work / "ckpt", tokenizer, SHAPE.llm, SHAPE.vision)
     cast_vila_checkpoint(built, torch.bfloat16)
     built.rename(root)
     shutil.rmtree(work)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from longvila_mcore.config import DataConfig, LLMConfig, ModelConfig, ParallelConfig, VisionConfig
+from longvila_mcore.config import DataConfig, ModelConfig, ParallelConfig, model_preset
 from longvila_mcore.data.pipeline import build_pipeline
 from longvila_mcore.data.synthetic import synthetic_paths
 from longvila_mcore.data.tokenizer import ensure_media_tokens
@@ -32,38 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 A100_BF16_FLOPS = 312e12
 MFU = 0.4
 
-TINY = ModelConfig(
-    name="longvila_tiny",
-    llm=LLMConfig(vocab_size=512),
-    vision=VisionConfig(
-        image_size=56,
-        patch_size=14,
-        hidden_size=32,
-        num_layers=3,
-        num_attention_heads=2,
-        ffn_hidden_size=64,
-    ),
-)
-QWEN2_1_5B = ModelConfig(
-    name="longvila_1.5b",
-    llm=LLMConfig(
-        vocab_size=151936,
-        hidden_size=1536,
-        num_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        ffn_hidden_size=8960,
-        rope_theta=15_300_000.0,
-    ),
-    vision=VisionConfig(
-        image_size=384,
-        patch_size=14,
-        hidden_size=1152,
-        num_layers=27,
-        num_attention_heads=16,
-        ffn_hidden_size=4304,
-    ),
-)
+TINY = model_preset("longvila_tiny")
+QWEN2_1_5B = model_preset("longvila_1.5b")
 
 
 def pipeline_rate(

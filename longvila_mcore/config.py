@@ -8,6 +8,7 @@ value of the wrong type is an error before anything starts. HF checkpoints are r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -252,3 +253,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The model `configs/model/<name>.yaml` describes (longvila_tiny, longvila_1.5b, longvila_7b),
+    for code outside a Hydra run (benchmarks, tools)."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"no model preset {name!r}; choose one of {names}")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from longvila_mcore.config import Config
+from longvila_mcore.config import Config, model_preset
 from longvila_mcore.train import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,8 @@ def test_every_stage_composes():
             config: Config = OmegaConf.to_object(cfg)
             config.stage.check()
             assert config.stage.name == stage
-    assert config.model.name == "longvila_tiny" and config.data.name == "synthetic"
+    assert config.model == model_preset("longvila_tiny") and config.data.name == "synthetic"
+    assert model_preset("longvila_7b").tokens_per_frame == 196  # 27 x 27 patches -> 14 x 14
 
 
 @pytest.mark.parametrize(
