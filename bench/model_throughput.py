@@ -77,21 +77,24 @@ def make_batch(length: int, vocab: int, media_id: int, seed: int = 0) -> Batch:
     )
 
 
-def time_steps(step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_steps(ours, hf, repeats: int) -> tuple[float, float]:
+    """Median seconds of each step, the two interleaved (ours, HF, HF, ours, ...) so that
+    neither always runs on a cache or allocator the other warmed."""
+    ours(), hf()  # warm-up
+    times = {ours: [], hf: []}
+    for i in range(repeats):
+        for step in (ours, hf) if i % 2 == 0 else (hf, ours):
+            start = time.perf_counter()
+            step()
+            times[step].append(time.perf_counter() - start)
+    return statistics.median(times[ours]), statistics.median(times[hf])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     init_distributed(torch.device("cpu"))
@@ -126,8 +129,7 @@ def main() -> None:
             hf.llm.zero_grad(set_to_none=True)
             hf.tower.zero_grad(set_to_none=True)
 
-        ours_s = time_steps(our_step, args.repeats)
-        hf_s = time_steps(hf_step, args.repeats)
+        ours_s, hf_s = time_steps(our_step, hf_step, args.repeats)
         rows.append(
             {
                 "tokens": length,

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ from longvila_mcore.checkpoint.tensors import CheckpointError
 from longvila_mcore.config import LLMConfig, ModelConfig, VisionConfig
 
 log = logging.getLogger(__name__)
+
+# Megatron-Core 0.16's checkpoint strategies call torch APIs that torch 2.13 has deprecated;
+# the notices are for Megatron's maintainers and print on every load.
+for _notice in (r"`load_state_dict` is deprecated", r"Please use DTensor instead"):
+    warnings.filterwarnings("ignore", message=_notice, category=FutureWarning)
 
 FORMAT_FILE = "longvila.json"
 FORMAT_VERSION = 1
