@@ -338,3 +338,25 @@ def test_training_from_a_converted_checkpoint_starts_from_its_weights(tmp_path):
     expected = hf_loss(HFLongVILA(hf_dir), next(pipeline))
     pipeline.close()
     assert abs(losses(out)[1] - expected) <= 1e-5 * expected
+
+
+def test_metrics_lines_and_tensorboard(tmp_path):
+    from longvila_mcore.training.metrics import MetricsWriter
+
+    record = {
+        "step": 1,
+        "loss": 2.5,
+        "lr": 1e-4,
+        "grad_norm": 0.5,
+        "tokens": 10,
+        "step_time_s": 0.1,
+        "skipped_samples": 0,
+    }
+    for _ in range(2):  # a resumed run appends to the same file
+        writer = MetricsWriter(tmp_path, 0, 1, 1, tensorboard=True, enabled=True)
+        writer.write(record)
+        writer.close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        record
+    ] * 2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
