@@ -38,8 +38,12 @@ def load_for_inference(
         )
         mcore_ckpt.load_checkpoint(root, model)
         tokenizer = AutoTokenizer.from_pretrained(mcore_ckpt.tokenizer_dir(root))
-        # The released top-level config, when the checkpoint was converted from one.
-        top = (mcore_ckpt.read_meta(root).get("hf") or {}).get("config") or {}
+        meta = mcore_ckpt.read_meta(root)
+        # The released top-level config when the checkpoint came from one, else the frames of
+        # the stage that trained it.
+        top = (meta.get("hf") or {}).get("config") or {
+            "num_video_frames": meta.get("config", {}).get("stage", {}).get("num_frames")
+        }
         return LoadedModel(model.to(device), tokenizer, _num_video_frames(top))
     if (root / "config.json").is_file() and (root / "llm").is_dir():
         model, tokenizer = load_vila(root, parallel, device, dtype)
