@@ -15,27 +15,10 @@ LAYOUTS = {"u2_r2": dict(ulysses=2, ring=2), "tp2_u2": dict(tp=2, ulysses=2)}
 
 
 def model_config():
-    from longvila_mcore.config import LLMConfig, ModelConfig, VisionConfig
+    from longvila_mcore.config import ModelConfig
+    from tests.hf_reference import tiny_llm_config, tiny_vision_config
 
-    return ModelConfig(
-        llm=LLMConfig(
-            vocab_size=96,
-            hidden_size=64,
-            num_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            ffn_hidden_size=96,
-            tie_word_embeddings=False,
-        ),
-        vision=VisionConfig(
-            image_size=28,
-            patch_size=7,
-            hidden_size=32,
-            num_layers=3,
-            num_attention_heads=2,
-            ffn_hidden_size=48,
-        ),
-    )
+    return ModelConfig(llm=tiny_llm_config(), vision=tiny_vision_config())
 
 
 def packed_batch(tokens_per_frame: int):
@@ -67,7 +50,7 @@ def packed_batch(tokens_per_frame: int):
         labels=torch.cat(labels),
         position_ids=torch.cat(positions),
         cu_seqlens=torch.tensor([0, 40, 96]),
-        frames=torch.randn(5, 3, 28, 28, generator=g),
+        frames=torch.randn(5, 3, 16, 16, generator=g),
     )
 
 
