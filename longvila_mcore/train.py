@@ -54,13 +54,11 @@ def _starting_point(
 ) -> tuple[ModelConfig, PreTrainedTokenizerBase, dict]:
     """(model dimensions, tokenizer, what to keep of an HF origin) of the run's start: the
     checkpoint it starts from, else `model=` and the data's tokenizer."""
-    from longvila_mcore.checkpoint import convert, hf
-    from longvila_mcore.checkpoint import dist as mcore_ckpt
+    from longvila_mcore.checkpoint.load import read_source
     from longvila_mcore.data.tokenizer import ensure_media_tokens
 
-    origin: dict = {}
     if source is None:
-        model = config.model
+        model, origin = config.model, {}
         path = config.data.tokenizer
         if path is None:
             from longvila_mcore.data.synthetic import synthetic_paths
@@ -68,13 +66,9 @@ def _starting_point(
             path = synthetic_paths(config.data.cache_dir).tokenizer_dir
         tokenizer = AutoTokenizer.from_pretrained(path)
         ensure_media_tokens(tokenizer)
-    elif mcore_ckpt.is_checkpoint(source):
-        model = mcore_ckpt.read_model_config(source)
-        tokenizer = AutoTokenizer.from_pretrained(mcore_ckpt.tokenizer_dir(source))
-        origin = {"hf": mcore_ckpt.read_meta(source).get("hf")}
     else:
-        model, tokenizer, _ = hf.read_config_and_tokenizer(source)
-        origin = {"hf": convert.hf_origin(Path(source), hf.SafetensorsReader(source))}
+        start = read_source(source)
+        model, tokenizer, origin = start.model, start.tokenizer, {"hf": start.hf}
     if config.stage.rope_theta is not None:
         model.llm.rope_theta = config.stage.rope_theta
     if len(tokenizer) > model.llm.vocab_size:
@@ -85,28 +79,11 @@ def _starting_point(
     return model, tokenizer, origin
 
 
-def _load_weights(model, source: str, tp: int) -> None:
-    """Weights only (the previous stage): a checkpoint of ours or a VILA-layout directory."""
-    from megatron.core import parallel_state
-
-    from longvila_mcore.checkpoint import dist as mcore_ckpt
-    from longvila_mcore.checkpoint import hf
-    from longvila_mcore.checkpoint.tensors import load_full_tensors
-
-    if mcore_ckpt.is_checkpoint(source):
-        mcore_ckpt.load_checkpoint(source, model)
-        return
-    rules = hf.longvila_rules(model.cfg, tp)
-    reader = hf.SafetensorsReader(source)
-    reader.check_complete(rules, hf.unused_tensors(model.cfg))
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    load_full_tensors(model, rules, reader.read, tp_rank, tp)
-
-
 def train(config: Config) -> None:
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from longvila_mcore.checkpoint.load import fill_weights
     from longvila_mcore.checkpoint.resume import resume_train_checkpoint, save_train_checkpoint
     from longvila_mcore.data.pipeline import build_pipeline
     from longvila_mcore.models.longvila import LongVILAModel
@@ -139,7 +116,7 @@ def train(config: Config) -> None:
     torch.manual_seed(train_cfg.seed)
     model = LongVILAModel(model_cfg, parallel, device, dtype).to(device)
     if load is not None:
-        _load_weights(model, load, parallel.tp)
+        fill_weights(model, load)
         log.info("loaded weights from %s", load)
     parts = set(stage.trainable)
     model.set_trainable("vision_tower" in parts, "mm_projector" in parts, "llm" in parts)

@@ -66,21 +66,18 @@ from longvila_mcore.checkpoint.dist import (
 )
 from longvila_mcore.checkpoint.hf import (
     COMPONENTS,
+    CONFIG_FILES,
     SafetensorsReader,
     check_layout,
+    dtype_name,
+    hf_origin,
     load_tokenizer,
     longvila_rules,
     read_config_and_tokenizer,
     tokenizer_files,
     unused_tensors,
 )
-from longvila_mcore.checkpoint.hf_export import (
-    CONFIG_FILES,
-    MAX_SHARD_BYTES,
-    SafetensorsFiles,
-    dtype_name,
-    hf_configs,
-)
+from longvila_mcore.checkpoint.hf_export import MAX_SHARD_BYTES, SafetensorsFiles, hf_configs
 from longvila_mcore.checkpoint.mapping import Rule
 from longvila_mcore.checkpoint.tensors import (
     CheckpointError,
@@ -181,17 +178,6 @@ def hf_to_mcore(
     with _removed_on_failure(_temporary(out)):
         _spawn_ranks(tp * pp, _write_shard, root, out, cfg, parallel, dtype, meta, progress)
     return out
-
-
-def hf_origin(root: Path, reader: SafetensorsReader) -> dict[str, Any]:
-    """What a checkpoint of ours keeps of the VILA-layout checkpoint it started from (its
-    config files and dtypes), so that exporting it back gives the configs users had."""
-    carried = {key: _optional_json(root / path) for key, path in CONFIG_FILES.items()}
-    return {**carried, "dtypes": {c: dtype_name(reader.dtype(c)) for c in COMPONENTS}}
-
-
-def _optional_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_hf_shapes(

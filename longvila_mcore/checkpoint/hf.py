@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
@@ -34,6 +35,21 @@ from longvila_mcore.models.qwen2 import padded_vocab_size
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
+DEFAULT_NUM_FRAMES = 8
+"""Frames a video is sampled to when a checkpoint does not say (`num_video_frames`)."""
+CONFIG_FILES = {
+    "config": "config.json",
+    "llm": "llm/config.json",
+    "generation_config": "llm/generation_config.json",
+    "vision_tower": "vision_tower/config.json",
+    "preprocessor": "vision_tower/preprocessor_config.json",
+    "mm_projector": "mm_projector/config.json",
+}
+"""The VILA layout's config files, by their key under "hf" in longvila.json."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _read_json(path: Path) -> dict:
@@ -198,6 +214,17 @@ class SafetensorsReader:
                 )
 
 
+def hf_origin(root: Path, reader: SafetensorsReader) -> dict[str, Any]:
+    """What a checkpoint of ours keeps of the VILA-layout checkpoint it started from (its
+    config files and dtypes), so that exporting it back gives the configs users had."""
+    carried = {key: _optional_json(root / path) for key, path in CONFIG_FILES.items()}
+    return {**carried, "dtypes": {c: dtype_name(reader.dtype(c)) for c in COMPONENTS}}
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_tokenizer(hf_dir: str | Path) -> tuple[PreTrainedTokenizerBase, MediaTokenIds]:
     """The tokenizer of `llm/`, with VILA's media tokens added when it lacks them."""
     tokenizer = AutoTokenizer.from_pretrained(check_layout(hf_dir) / "llm")
@@ -242,6 +269,21 @@ def longvila_rules(cfg: ModelConfig, tp: int) -> list[Rule]:
     return qwen2_rules(cfg, padded) + siglip_rules(cfg) + projector_rules(cfg)
 
 
+def fill_from_vila(model: LongVILAModel, hf_dir: str | Path) -> None:
+    """Fill this rank's shard of `model` from a VILA-layout checkpoint, tensor by tensor."""
+    cfg = model.cfg
+    rules = longvila_rules(cfg, parallel_state.get_tensor_model_parallel_world_size())
+    reader = SafetensorsReader(hf_dir)
+    reader.check_complete(rules, unused_tensors(cfg))
+    load_full_tensors(
+        model,
+        rules,
+        reader.read,
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+
+
 def load_vila(
     hf_dir: str | Path,
     parallel: ParallelConfig,
@@ -251,9 +293,5 @@ def load_vila(
     """Build LongVILAModel for this rank's layout and fill it from a VILA-layout checkpoint."""
     cfg, tokenizer, _ = read_config_and_tokenizer(hf_dir)
     model = LongVILAModel(cfg, parallel, device, dtype, initialize=False)
-    rules = longvila_rules(cfg, parallel.tp)
-    reader = SafetensorsReader(hf_dir)
-    reader.check_complete(rules, unused_tensors(cfg))
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    load_full_tensors(model, rules, reader.read, tp_rank, parallel.tp)
+    fill_from_vila(model, hf_dir)
     return model, tokenizer

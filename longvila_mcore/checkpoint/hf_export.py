@@ -14,24 +14,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from longvila_mcore.checkpoint.load import DEFAULT_NUM_FRAMES
+from longvila_mcore.checkpoint.hf import DEFAULT_NUM_FRAMES, dtype_name
 from longvila_mcore.config import ModelConfig
 
 MAX_SHARD_BYTES = 5 * 10**9
 """Size limit of one safetensors file: transformers 4.x's `max_shard_size="5GB"`."""
-CONFIG_FILES = {
-    "config": "config.json",
-    "llm": "llm/config.json",
-    "generation_config": "llm/generation_config.json",
-    "vision_tower": "vision_tower/config.json",
-    "preprocessor": "vision_tower/preprocessor_config.json",
-    "mm_projector": "mm_projector/config.json",
-}
-"""The VILA layout's config files, by their key under "hf" in longvila.json."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class SafetensorsFiles:

@@ -1,8 +1,10 @@
-"""Load a model for inference from either checkpoint format this project reads."""
+"""Start from either checkpoint format this project reads: ours or a VILA-layout HF directory.
+
+Training (`checkpoint.load`, resuming) and inference (`generate --load`) both go through here.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,60 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from longvila_mcore.checkpoint import dist as mcore_ckpt
-from longvila_mcore.checkpoint.hf import CheckpointError, load_vila
-from longvila_mcore.config import ParallelConfig
+from longvila_mcore.checkpoint import hf
+from longvila_mcore.checkpoint.tensors import CheckpointError
+from longvila_mcore.config import ModelConfig, ParallelConfig
 from longvila_mcore.models.longvila import LongVILAModel
 
-DEFAULT_NUM_FRAMES = 8
+
+@dataclass
+class Source:
+    """What a checkpoint says before any weight is read."""
+
+    model: ModelConfig
+    tokenizer: PreTrainedTokenizerBase
+    hf: dict[str, Any] | None
+    """The configs and dtypes of the VILA-layout checkpoint it came from (None: trained here)."""
+    stage: dict[str, Any] | None
+    """The stage config that wrote it (None: converted, not trained)."""
+
+    @property
+    def num_video_frames(self) -> int:
+        """Frames a video is sampled to when the caller does not say."""
+        top = (self.hf or {}).get("config") or {}
+        frames = top.get("num_video_frames") or (self.stage or {}).get("num_frames")
+        return int(frames or hf.DEFAULT_NUM_FRAMES)
+
+
+def read_source(path: str | Path) -> Source:
+    """Model dimensions, tokenizer and origin of a checkpoint of ours or of a VILA-layout one.
+
+    A VILA tokenizer without the media tokens gets them, and the vocabulary grows to match.
+    """
+    root = Path(path)
+    if mcore_ckpt.is_checkpoint(root):
+        meta = mcore_ckpt.read_meta(root)
+        return Source(
+            mcore_ckpt.read_model_config(root),
+            AutoTokenizer.from_pretrained(mcore_ckpt.tokenizer_dir(root)),
+            meta.get("hf"),
+            meta.get("config", {}).get("stage"),
+        )
+    if (root / "config.json").is_file() and (root / "llm").is_dir():
+        cfg, tokenizer, _ = hf.read_config_and_tokenizer(root)
+        return Source(cfg, tokenizer, hf.hf_origin(root, hf.SafetensorsReader(root)), None)
+    raise CheckpointError(
+        f"{root} is neither a checkpoint of this project ({mcore_ckpt.FORMAT_FILE}) nor a "
+        "VILA-layout HF checkpoint (config.json, llm/, vision_tower/, mm_projector/)"
+    )
+
+
+def fill_weights(model: LongVILAModel, path: str | Path) -> None:
+    """Load the weights at `path` into `model`, whatever layout either was built with."""
+    if mcore_ckpt.is_checkpoint(path):
+        mcore_ckpt.load_checkpoint(path, model)
+    else:
+        hf.fill_from_vila(model, path)
 
 
 @dataclass
@@ -23,37 +74,13 @@ class LoadedModel:
     model: LongVILAModel
     tokenizer: PreTrainedTokenizerBase
     num_video_frames: int
-    """Frames a video is sampled to when the caller does not say (the checkpoint's default)."""
 
 
 def load_for_inference(
     path: str | Path, parallel: ParallelConfig, device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
-    """`path` is a checkpoint of ours (any saved layout: it reshards to `parallel`) or a
-    VILA-layout HF directory."""
-    root = Path(path)
-    if mcore_ckpt.is_checkpoint(root):
-        model = LongVILAModel(
-            mcore_ckpt.read_model_config(root), parallel, device, dtype, initialize=False
-        )
-        mcore_ckpt.load_checkpoint(root, model)
-        tokenizer = AutoTokenizer.from_pretrained(mcore_ckpt.tokenizer_dir(root))
-        meta = mcore_ckpt.read_meta(root)
-        # The released top-level config when the checkpoint came from one, else the frames of
-        # the stage that trained it.
-        top = (meta.get("hf") or {}).get("config") or {
-            "num_video_frames": meta.get("config", {}).get("stage", {}).get("num_frames")
-        }
-        return LoadedModel(model.to(device), tokenizer, _num_video_frames(top))
-    if (root / "config.json").is_file() and (root / "llm").is_dir():
-        model, tokenizer = load_vila(root, parallel, device, dtype)
-        top = json.loads((root / "config.json").read_text())
-        return LoadedModel(model.to(device), tokenizer, _num_video_frames(top))
-    raise CheckpointError(
-        f"{root} is neither a checkpoint of this project ({mcore_ckpt.FORMAT_FILE}) nor a "
-        "VILA-layout HF checkpoint (config.json, llm/, vision_tower/, mm_projector/)"
-    )
-
-
-def _num_video_frames(top: dict[str, Any]) -> int:
-    return int(top.get("num_video_frames") or DEFAULT_NUM_FRAMES)
+    """The model at `path` built for `parallel` (it reshards), ready to generate."""
+    source = read_source(path)
+    model = LongVILAModel(source.model, parallel, device, dtype, initialize=False)
+    fill_weights(model, path)
+    return LoadedModel(model.to(device), source.tokenizer, source.num_video_frames)
