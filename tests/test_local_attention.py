@@ -26,6 +26,11 @@ CASES = {
     "packed_causal_gqa": ([0, 6, 10, 10 + 12], None, True, 4, 2),
     "equal_runs_bidirectional": ([0, 5, 10, 15, 23, 31], None, False, 4, 4),
     "cross_lengths_mqa": ([0, 4, 12], [0, 8, 10], False, 4, 1),
+    # one run over the whole input: the kernel's outputs are returned without a gather buffer
+    "single_causal_gqa": ([0, 16], None, True, 4, 2),
+    "equal_samples_one_run": ([0, 8, 16, 24], None, True, 4, 1),
+    # one run covers every query row but not every key row: dk/dv of the rest stay zero
+    "empty_query_sample": ([0, 0, 6], [0, 4, 10], False, 4, 2),
 }
 
 

@@ -38,14 +38,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, cu_q: Boundaries, cu_k: Boundaries,
         raise ValueError("causal attention needs equal query and key lengths in every sample")
 
 
-def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[t, hkv, d] -> [t, hkv * groups, d], each KV head repeated for its query heads."""
-    if groups == 1:
-        return x
-    t, h, d = x.shape
-    return x.unsqueeze(2).expand(t, h, groups, d).reshape(t, h * groups, d)
-
-
 def _runs(cu_q: Boundaries, cu_k: Boundaries):
     """Runs of consecutive non-empty samples with equal q and k lengths, as
     (q start, k start, samples, q length, k length): each run is one batched kernel call."""
@@ -58,6 +50,11 @@ def _runs(cu_q: Boundaries, cu_k: Boundaries):
         if lq and lk:
             yield cu_q[i], cu_k[i], j - i, lq, lk
         i = j
+
+
+def _one_run(runs: list[tuple[int, int, int, int, int]], tq: int, tk: int) -> bool:
+    """Whether a single run covers every query and key row."""
+    return len(runs) == 1 and runs[0][2] * runs[0][3] == tq and runs[0][2] * runs[0][4] == tk
 
 
 def _bhsd(x: torch.Tensor, samples: int) -> torch.Tensor:
@@ -74,55 +71,55 @@ def _thd(x: torch.Tensor) -> torch.Tensor:
 
 class TorchKernel:
     """torch's fused flash-attention for CPU, one call per run of equal-length samples (all
-    frames of the tower, or the rows of an unpacked batch, go in one call)."""
+    frames of the tower, or the rows of an unpacked batch, go in one call). The kernel handles
+    grouped-query attention itself, so K/V are never expanded to the query heads. A run that
+    covers the whole input (the common case) is returned as is, without a gather buffer."""
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, causal, scale):
-        groups = q.shape[1] // k.shape[1]
-        k, v = _expand_kv(k, groups), _expand_kv(v, groups)
         h = q.shape[1]
-        out = q.new_zeros(q.shape)
-        lse_dtype = torch.promote_types(q.dtype, torch.float32)
-        lse = q.new_full((h, q.shape[0]), float("-inf"), dtype=lse_dtype)
-        for q0, k0, n, lq, lk in _runs(cu_q, cu_k):
+        runs = list(_runs(cu_q, cu_k))
+        whole = _one_run(runs, q.shape[0], k.shape[0])
+        if not whole:
+            out = q.new_zeros(q.shape)
+            lse_dtype = torch.promote_types(q.dtype, torch.float32)
+            lse = q.new_full((h, q.shape[0]), float("-inf"), dtype=lse_dtype)
+        for q0, k0, n, lq, lk in runs:
             qs, ks = slice(q0, q0 + n * lq), slice(k0, k0 + n * lk)
             o, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 _bhsd(q[qs], n), _bhsd(k[ks], n), _bhsd(v[ks], n), 0.0, causal, scale=scale
             )
+            block_lse = block_lse.transpose(0, 1).reshape(h, n * lq)
+            if whole:
+                return _thd(o), block_lse
             out[qs] = _thd(o)
-            lse[:, qs] = block_lse.transpose(0, 1).reshape(h, n * lq)
+            lse[:, qs] = block_lse
         return out, lse
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
-        hkv = k.shape[1]
-        groups = q.shape[1] // hkv
         h = q.shape[1]
-        ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
-        dq = torch.zeros_like(q)
-        dke = torch.zeros_like(ke)
-        dve = torch.zeros_like(ve)
-        for q0, k0, n, lq, lk in _runs(cu_q, cu_k):
+        runs = list(_runs(cu_q, cu_k))
+        whole = _one_run(runs, q.shape[0], k.shape[0])
+        if not whole:
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for q0, k0, n, lq, lk in runs:
             qs, ks = slice(q0, q0 + n * lq), slice(k0, k0 + n * lk)
-            g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _bhsd(dout[qs], n),
                 _bhsd(q[qs], n),
-                _bhsd(ke[ks], n),
-                _bhsd(ve[ks], n),
+                _bhsd(k[ks], n),
+                _bhsd(v[ks], n),
                 _bhsd(out[qs], n),
                 lse[:, qs].view(h, n, lq).transpose(0, 1),
                 0.0,
                 causal,
                 scale=scale,
             )
-            dq[qs] = _thd(g_q)
-            dke[ks] = _thd(g_k)
-            dve[ks] = _thd(g_v)
-        if groups > 1:
-            t, _, d = k.shape
-            dke = dke.view(t, hkv, groups, d).sum(2)
-            dve = dve.view(t, hkv, groups, d).sum(2)
-        return dq, dke, dve
+            if whole:
+                return tuple(_thd(g) for g in grads)
+            dq[qs], dk[ks], dv[ks] = (_thd(g) for g in grads)
+        return dq, dk, dv
 
 
 class FlashAttnKernel:
