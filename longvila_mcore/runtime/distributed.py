@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from longvila_mcore.config import ParallelConfig
+from longvila_mcore.runtime.device import retain_freed_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ def _free_port() -> int:
 def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     """Join the process group torchrun describes, or form a group of one.
 
-    NCCL on GPU, gloo on CPU. Without torchrun's variables this is a single process on a free
+    NCCL on GPU, gloo on CPU (where freed tensor memory is then kept for reuse, see
+    `retain_freed_host_memory`). Without torchrun's variables this is a single process on a free
     loopback port, so every entry point runs the same code with or without a launcher.
     """
     if dist.is_initialized():
@@ -42,6 +44,8 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        retain_freed_host_memory()
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         timeout=datetime.timedelta(minutes=timeout_minutes),
