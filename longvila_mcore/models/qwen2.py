@@ -15,6 +15,7 @@ from megatron.core.transformer import TransformerConfig
 
 from longvila_mcore.config import LLMConfig
 from longvila_mcore.models.specs import transformer_layer_spec
+from longvila_mcore.models.swiglu import SwiGLU
 from longvila_mcore.parallel.core_attention import PackedSamples
 
 
@@ -39,6 +40,9 @@ def qwen2_transformer_config(
         add_qkv_bias=True,
         gated_linear_unit=True,
         activation_func=F.silu,
+        # The MLP applies the module in its `activation_func` spec slot, our SwiGLU, to the whole
+        # fc1 output (the flag is named for Transformer Engine's modules, the slot takes any).
+        use_te_activation_func=True,
         bias_activation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -75,7 +79,7 @@ class Qwen2Model(GPTModel):
         super().__init__(
             config=config,
             transformer_layer_spec=transformer_layer_spec(
-                backend, causal=True, sequence_parallel=True
+                backend, causal=True, sequence_parallel=True, mlp_activation=SwiGLU
             ),
             vocab_size=padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size),
             max_sequence_length=llm.max_position_embeddings,

@@ -22,13 +22,17 @@ from megatron.core.transformer.transformer_layer import (
 from longvila_mcore.parallel.core_attention import CoreAttention
 
 
-def transformer_layer_spec(backend, causal: bool, sequence_parallel: bool = False) -> ModuleSpec:
+def transformer_layer_spec(
+    backend, causal: bool, sequence_parallel: bool = False, mlp_activation: type | None = None
+) -> ModuleSpec:
     """A pre-norm layer: norm -> self-attention -> residual, norm -> MLP -> residual.
 
     The norm type (RMSNorm for Qwen2, LayerNorm for SigLIP), biases and activation come from the
     TransformerConfig; `causal` chooses the decoder's or the tower's attention mask.
     `sequence_parallel` makes the attention 2D (Ulysses x ring) over the context-parallel group
     when it has more than one rank: the decoder's tokens are sharded, the tower's frames are not.
+    `mlp_activation` is a module for the MLP's activation slot (used when the config sets
+    `use_te_activation_func`); without it the MLP applies `config.activation_func`.
     """
     # Both backends then return a norm that follows `config.normalization` (WrappedTorchNorm /
     # TENorm); rms_norm=False would pick apex's FusedLayerNorm when apex is present, which has no
@@ -57,6 +61,7 @@ def transformer_layer_spec(backend, causal: bool, sequence_parallel: bool = Fals
                 module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=backend.column_parallel_linear(),
+                    activation_func=mlp_activation,
                     linear_fc2=backend.row_parallel_linear(),
                 ),
             ),
