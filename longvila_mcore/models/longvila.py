@@ -98,20 +98,31 @@ class LongVILAModel(MegatronModule):
             batch.cu_seqlens,
         ).unsqueeze(1)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """This rank's logits `[s / N, 1, vocab / tp]` for its shard of the packed sequence."""
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """This rank's decoder output `[s / N, 1, hidden]` (after the final norm on the last
+        pipeline stage)."""
         positions = self.sp.shard(batch.position_ids, cu_seqlens=batch.cu_seqlens).unsqueeze(0)
         packed = PackedSamples(boundaries=tuple(batch.cu_seqlens.tolist()))
-        return self.llm(self.embed(batch), positions, packed)
+        return self.llm.hidden_states(self.embed(batch), positions, packed)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """This rank's logits `[s / N, 1, vocab / tp]` for its shard of the packed sequence
+        (hidden states on pipeline stages before the last)."""
+        hidden = self.hidden_states(batch)
+        return self.llm.logits(hidden) if self.post_process else hidden
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, number of targets) over this rank's shard.
 
+        Logits are computed at target positions only: in a video sample most tokens are frame
+        tokens without a target, and the output layer is the largest matmul per token
+        (vocabulary x hidden: 152k x 3584 for the 7B model), its logits the largest activation.
         The caller divides by the target count of the whole global batch, so the loss is the mean
         over every target token whatever the layout and accumulation (REFERENCE 5.4).
         """
-        logits = self(batch)
-        labels = self.sp.shard(batch.labels, cu_seqlens=batch.cu_seqlens).unsqueeze(1)
+        hidden = self.hidden_states(batch)
+        labels = self.sp.shard(batch.labels, cu_seqlens=batch.cu_seqlens)
         is_target = labels != IGNORE_INDEX
-        losses = vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
-        return (losses * is_target).sum(), is_target.sum()
+        logits = self.llm.logits(hidden[is_target])
+        losses = vocab_parallel_cross_entropy(logits.float(), labels[is_target].unsqueeze(1))
+        return losses.sum(), is_target.sum()
