@@ -2,8 +2,10 @@
 
 Both models get identical weights (our model is loaded from a VILA-layout checkpoint that HF's
 own classes wrote) and identical inputs: one packed sequence of video frames and text at each
-length. Same thread count, run one after the other in this process. Prints a table of tokens/s
-and the ratio ours / HF, and writes bench/results/model_throughput.json.
+length. Same thread count and the same process, so process-wide settings (the runtime's CPU
+allocator setting) apply to both; the steps are interleaved. Each side computes its loss the way it
+trains: HF takes logits at every position, ours only at target positions. Prints a table of
+tokens/s and the ratio ours / HF, and writes bench/results/model_throughput.json.
 
     python bench/model_throughput.py [--lengths 1024 2048 4096] [--threads 2]
 """
