@@ -7,8 +7,12 @@ value of the wrong type is an error before anything starts. HF checkpoints are r
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,12 @@ class VisionConfig:
         return self.num_layers + self.select_layer + 1
 
 
+TOKEN_ORDERS = ("raster", "legacy")
+"""How `mlp_downsample` orders a frame's tokens (REFERENCE 1): `raster`, row-major over the grid
+of 2x2 blocks (VILA from December 2024 on: the Qwen2 LongVILA releases); `legacy`, the transposed
+order of VILA before it (VILA1.5, Llama-3 LongVILA-8B)."""
+
+
 @dataclass
 class ModelConfig:
     """The composed LongVILA model: tower -> projector -> decoder."""
@@ -69,6 +79,13 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector_type: str = "mlp_downsample"
     """Only `mlp_downsample` (REFERENCE 1) is implemented."""
+    token_order: str = "raster"
+    """Order of a frame's projector tokens, one of TOKEN_ORDERS. Nothing in a released checkpoint
+    says which one its projector was trained with: `raster` for the Qwen2 LongVILA releases,
+    `legacy` for VILA1.5-era `mlp_downsample` checkpoints. Checkpoints of this project record it."""
+
+    def __post_init__(self) -> None:
+        check_token_order(self.token_order, "model.token_order")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -76,6 +93,24 @@ class ModelConfig:
         side = self.vision.num_patches_per_side
         half = (side + 1) // 2
         return half * half
+
+
+def check_token_order(order: str, where: str) -> None:
+    """Raise naming `where` (the option that set it) unless `order` is one of TOKEN_ORDERS."""
+    if order not in TOKEN_ORDERS:
+        raise ValueError(
+            f"{where}={order!r} is not a token order; use raster (the Qwen2 LongVILA releases, "
+            "VILA from December 2024 on) or legacy (VILA1.5 and Llama-3 LongVILA-8B checkpoints)"
+        )
+
+
+def with_token_order(model: ModelConfig, explicit: str | None, source: object) -> ModelConfig:
+    """`model` as `source` (a checkpoint) records it, with the token order asked for explicitly
+    (a flag or an override) when there is one: an explicit choice wins over the record."""
+    if explicit is None or explicit == model.token_order:
+        return model
+    log.warning("%s records token order %s; using %s as asked", source, model.token_order, explicit)
+    return dataclasses.replace(model, token_order=explicit)
 
 
 @dataclass

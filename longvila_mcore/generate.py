@@ -1,10 +1,12 @@
 """Answer a question about a video: `python -m longvila_mcore.generate --load DIR --video PATH
---prompt TEXT [--num-frames N] [--max-new-tokens K] [--json]`.
+--prompt TEXT [--num-frames N] [--max-new-tokens K] [--json] [--token-order raster|legacy]`.
 
 DIR is a VILA-layout HF checkpoint or a checkpoint this project wrote. The video is decoded with
 PyAV, `--num-frames` frames are sampled uniformly and preprocessed for the tower, the prompt goes
 through the tokenizer's chat template (user turn = `<vila/video>` + prompt), and decoding is greedy
-with a KV cache. Under torchrun, the ranks split the model tensor-parallel.
+with a KV cache. Under torchrun, the ranks split the model tensor-parallel. The projector's token
+order is the one the checkpoint records (raster for a released VILA-layout directory) unless
+`--token-order` says otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from longvila_mcore.checkpoint.hf import CheckpointError
 from longvila_mcore.checkpoint.load import load_for_inference
-from longvila_mcore.config import ParallelConfig
+from longvila_mcore.config import TOKEN_ORDERS, ParallelConfig
 from longvila_mcore.data.batch import IGNORE_INDEX, Batch
 from longvila_mcore.data.chat import render_prompt
 from longvila_mcore.data.layout import MediaLayout
@@ -108,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
+        "--token-order",
+        choices=TOKEN_ORDERS,
+        default=None,
+        help="projector token order: raster (Qwen2 LongVILA releases) or legacy (VILA1.5-era "
+        "checkpoints); default: the one the checkpoint records, else raster",
+    )
+    p.add_argument(
         "--json", action="store_true", help='end stdout with {"text": ..., "token_ids": [...]}'
     )
     return p.parse_args(argv)
@@ -121,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parallel = ParallelConfig(tp=dist.get_world_size())
     init_model_parallel(parallel)
     try:
-        loaded = load_for_inference(args.load, parallel, device, default_dtype(device))
+        loaded = load_for_inference(
+            args.load, parallel, device, default_dtype(device), args.token_order
+        )
         num_frames = args.num_frames or loaded.num_video_frames
         frames = load_video(args.video, num_frames, loaded.model.cfg.vision)
     except (CheckpointError, MediaError, ValueError) as err:

@@ -19,6 +19,7 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -49,11 +50,19 @@ def _model_source(config: Config) -> tuple[Path | None, str | None]:
     return resume, None if resume else config.checkpoint.load
 
 
+def _explicit_token_order(config: Config, overrides: list[str]) -> str | None:
+    """`model.token_order` when the command line sets it (it then wins over the order a
+    starting checkpoint records), else None."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    return config.model.token_order if "model.token_order" in keys else None
+
+
 def _starting_point(
-    config: Config, source: Path | str | None
+    config: Config, source: Path | str | None, token_order: str | None = None
 ) -> tuple[ModelConfig, PreTrainedTokenizerBase, dict]:
     """(model dimensions, tokenizer, what to keep of an HF origin) of the run's start: the
-    checkpoint it starts from, else `model=` and the data's tokenizer."""
+    checkpoint it starts from (its token order unless `token_order` is given), else `model=`
+    and the data's tokenizer."""
     from longvila_mcore.checkpoint.load import read_source
     from longvila_mcore.data.tokenizer import ensure_media_tokens
 
@@ -67,7 +76,7 @@ def _starting_point(
         tokenizer = AutoTokenizer.from_pretrained(path)
         ensure_media_tokens(tokenizer)
     else:
-        start = read_source(source)
+        start = read_source(source, token_order)
         model, tokenizer, origin = start.model, start.tokenizer, {"hf": start.hf}
     if config.stage.rope_theta is not None:
         model.llm.rope_theta = config.stage.rope_theta
@@ -79,7 +88,8 @@ def _starting_point(
     return model, tokenizer, origin
 
 
-def train(config: Config) -> None:
+def train(config: Config, token_order: str | None = None) -> None:
+    """One stage; `token_order` is an explicit `model.token_order` (see _explicit_token_order)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -104,7 +114,8 @@ def train(config: Config) -> None:
 
         synthetic_paths(config.data.cache_dir)  # generated once per node, before the others read
     dist.barrier()
-    model_cfg, tokenizer, origin = _starting_point(config, resume or load)
+    model_cfg, tokenizer, origin = _starting_point(config, resume or load, token_order)
+    log.info("projector token order: %s", model_cfg.token_order)
     parallel.check_model(model_cfg)
     dp = init_model_parallel(parallel)
     rank0 = dist.get_rank() == 0
@@ -233,6 +244,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter bucket listings
     try:
         config = _resolve(cfg)
+        token_order = _explicit_token_order(config, HydraConfig.get().overrides.task)
         config.parallel.data_parallel_size(int(os.environ.get("WORLD_SIZE", 1)))
         if config.parallel.pp > 1:
             raise ValueError(
@@ -245,7 +257,7 @@ def main(cfg: DictConfig) -> None:
     device = default_device()
     init_distributed(device)
     try:
-        train(config)
+        train(config, token_order)
     except ValueError as err:  # bad config, data or checkpoint: one line, not a traceback
         print(f"error (rank {dist.get_rank()}): {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,3 +13,11 @@ def single_rank():
     init_distributed(torch.device("cpu"))
     init_model_parallel(ParallelConfig())
     yield
+
+
+@pytest.fixture(scope="session")
+def transformers4():
+    """The python of a side environment with transformers 4.46 (NVlabs/VILA's), built once."""
+    from tests.transformers4 import transformers4_python
+
+    return transformers4_python()

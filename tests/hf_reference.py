@@ -35,7 +35,10 @@ def tiny_llm_config(**overrides) -> LLMConfig:
     return LLMConfig(**base)
 
 
-def hf_qwen2(llm: LLMConfig, seed: int = 0) -> Qwen2ForCausalLM:
+def hf_qwen2(llm: LLMConfig, seed: int = 0, qk_scale: float = 1.0) -> Qwen2ForCausalLM:
+    """A random Qwen2; `qk_scale` multiplies the query and key projections: with sharper
+    attention than the near-uniform attention of a random model, outputs depend on where each
+    token sits (the projector's token order)."""
     rope = {"rope_type": "default", "rope_theta": llm.rope_theta}
     if llm.rope_scaling_factor:
         rope = {
@@ -62,6 +65,8 @@ def hf_qwen2(llm: LLMConfig, seed: int = 0) -> Qwen2ForCausalLM:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(qk_scale)
     return model
 
 
@@ -110,20 +115,33 @@ def released_siglip_tensors(model: SiglipVisionModel) -> dict[str, torch.Tensor]
     return {f"vision_model.{name}": t for name, t in model.state_dict().items()}
 
 
-def reference_downsample(x: torch.Tensor) -> torch.Tensor:
-    """REFERENCE 1 word for word: grid, zero-pad odd axes, view, permute, view, flatten."""
+def reference_downsample(x: torch.Tensor, token_order: str) -> torch.Tensor:
+    """REFERENCE 1 stated cell by cell: `[n, P, C]` -> `[n, h * h, 4C]`, h = ceil(sqrt(P) / 2).
+
+    The token of row pair r and column pair s concatenates grid cells (2r, 2s), (2r, 2s + 1),
+    (2r + 1, 2s), (2r + 1, 2s + 1) (zeros outside an odd grid). `raster`: tokens row pair by row
+    pair (r major); `legacy`: the transposed order of VILA before December 2024 (s major).
+    """
     n, p, c = x.shape
-    a = b = round(p**0.5)
-    x = x.reshape(n, a, b, c)
-    if a % 2:
-        x = torch.cat([x, x.new_zeros(n, 1, b, c)], dim=1)
-        a += 1
-    if b % 2:
-        x = torch.cat([x, x.new_zeros(n, a, 1, c)], dim=2)
-        b += 1
-    x = x.contiguous().view(n, a, b // 2, 2 * c).permute(0, 2, 1, 3).contiguous()
-    x = x.view(n, b // 2, a // 2, 4 * c)
-    return x.reshape(n, a * b // 4, 4 * c)
+    side = round(p**0.5)
+    half = (side + 1) // 2
+
+    def cell(row: int, col: int) -> torch.Tensor:
+        if row < side and col < side:
+            return x[:, row * side + col]
+        return x.new_zeros(n, c)
+
+    def token(r: int, s: int) -> torch.Tensor:
+        cells = [(2 * r, 2 * s), (2 * r, 2 * s + 1), (2 * r + 1, 2 * s), (2 * r + 1, 2 * s + 1)]
+        return torch.cat([cell(row, col) for row, col in cells], dim=-1)
+
+    if token_order == "raster":
+        tokens = [token(r, s) for r in range(half) for s in range(half)]
+    elif token_order == "legacy":
+        tokens = [token(r, s) for s in range(half) for r in range(half)]
+    else:
+        raise ValueError(token_order)
+    return torch.stack(tokens, dim=1)
 
 
 def make_vila_checkpoint(
@@ -133,6 +151,7 @@ def make_vila_checkpoint(
     vision: VisionConfig,
     seed: int = 0,
     transformers4_rope: bool = False,
+    qk_scale: float = 1.0,
 ) -> Path:
     """A released-layout LongVILA checkpoint with random weights, written by HF's own classes.
 
@@ -141,7 +160,7 @@ def make_vila_checkpoint(
     """
     root = Path(root)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    hf_qwen2(llm, seed).save_pretrained(root / "llm")
+    hf_qwen2(llm, seed, qk_scale).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     if transformers4_rope:
         path = root / "llm" / "config.json"
@@ -194,10 +213,12 @@ def make_vila_checkpoint(
 
 
 class HFLongVILA:
-    """LongVILA assembled from HF modules and REFERENCE 1, independent of our model code."""
+    """LongVILA assembled from HF modules and REFERENCE 1, independent of our model code; the
+    projector's tokens in `token_order` (raster: the Qwen2 releases, legacy: VILA1.5 era)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, token_order: str = "raster"):
         root = Path(root)
+        self.token_order = token_order
         self.llm = Qwen2ForCausalLM.from_pretrained(
             root / "llm", attn_implementation="eager"
         ).eval()
@@ -211,7 +232,7 @@ class HFLongVILA:
         """`[F, 3, H, W]` -> `[F, tokens_per_frame, hidden]`: tower layer -2, then the projector."""
         p = self.projector
         features = self.tower(frames, output_hidden_states=True).hidden_states[self.select_layer]
-        x = reference_downsample(features)
+        x = reference_downsample(features, self.token_order)
         x = F.layer_norm(x, x.shape[-1:], p["layers.1.weight"], p["layers.1.bias"], eps=1e-5)
         x = F.gelu(F.linear(x, p["layers.2.weight"], p["layers.2.bias"]))
         return F.linear(x, p["layers.4.weight"], p["layers.4.bias"])

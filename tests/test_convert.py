@@ -46,6 +46,7 @@ from tests.hf_reference import (
 )
 from tests.multiproc import run_ranks
 from tests.test_data_media import lossless_video
+from tests.transformers4 import assert_export_loads_in_4_and_5
 
 TEXTS = ["What colour is the shape? The shape is red.", "A blue circle moves left.\n" * 3] * 20
 PROMPT = "What colour is the shape?"
@@ -184,9 +185,15 @@ def assert_same_configs(original: Path, exported: Path) -> None:
     assert preprocessor | read_json(original / "vision_tower" / "preprocessor_config.json") == (
         preprocessor
     )
-    if not original_media.added:  # the released tokenizer files, as they were
+    if not original_media.added:  # the released tokenizer, its config in the releases' form
         for file in tokenizer_files(original):
-            assert (exported / "llm" / file.name).read_bytes() == file.read_bytes()
+            if file.name not in ("tokenizer_config.json", "chat_template.jinja"):
+                assert (exported / "llm" / file.name).read_bytes() == file.read_bytes()
+        before = AutoTokenizer.from_pretrained(original / "llm")
+        after = AutoTokenizer.from_pretrained(exported / "llm")
+        assert after.get_vocab() == before.get_vocab()
+        assert after.chat_template == before.chat_template
+        assert render_prompt(after, PROMPT) == render_prompt(before, PROMPT)
 
 
 def assert_same_outputs(original: Path, exported: Path) -> None:
@@ -237,6 +244,18 @@ def test_round_trip_is_bit_identical(converted, tmp_path, monkeypatch):
     )
     assert read_json(exported / "config.json")["num_video_frames"] == 8
     assert_same_outputs(converted.untied, exported)
+
+
+@pytest.mark.slow
+def test_exports_load_in_transformers_446_and_5(converted, transformers4, tmp_path):
+    """mcore-to-hf of converted checkpoints (the tokenizer as released, and one to which the
+    media tokens were added, saved by transformers 5) load unedited in VILA's transformers 4.46
+    and in 5.x (tests/transformers4.py says what is checked)."""
+    for name in ("untied_tp2", "tied_tp2"):
+        export = mcore_to_hf(getattr(converted, name), tmp_path / name)
+        report = assert_export_loads_in_4_and_5(transformers4, export, tmp_path / f"{name}_4.46")
+        assert report["config_tokenizer_class"] == "PreTrainedTokenizerFast", name
+        assert report["projector_config"]["token_order"] == "raster", name
 
 
 def _load_both_ways(mcore_dir: str, hf_dir: str) -> int:

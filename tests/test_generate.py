@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from longvila_mcore.config import VisionConfig
 from longvila_mcore.data.chat import render_prompt
@@ -38,47 +39,42 @@ def run_generate(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_generate_matches_hf_greedy(tmp_path):
+def test_generate_matches_hf_greedy_in_both_token_orders(tmp_path):
+    """A VILA-layout checkpoint runs in the raster order by default and in the legacy one with
+    `--token-order legacy`; each equals the HF assembly's greedy tokens in that order. The
+    checkpoint's attention is sharpened (qk_scale) so that the two orders continue differently."""
     tokenizer_dir = train_tokenizer(TEXTS, 300, tmp_path / "tokenizer")
     vision = tiny_vision_config()
     llm = tiny_llm_config(vocab_size=320)
-    root = make_vila_checkpoint(tmp_path / "ckpt", tokenizer_dir, llm, vision)
+    root = make_vila_checkpoint(tmp_path / "ckpt", tokenizer_dir, llm, vision, qk_scale=10.0)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (12, vision.image_size, vision.image_size, 3), dtype=np.uint8)
     video = tmp_path / "clip.mkv"
     video.write_bytes(lossless_video(pixels, rate=4))
 
-    done = run_generate(
-        "--load",
-        str(root),
-        "--video",
-        str(video),
-        "--prompt",
-        PROMPT,
-        "--num-frames",
-        "5",
-        "--max-new-tokens",
-        "12",
-        "--json",
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-
-    reference = HFLongVILA(root)
-    tokenizer = reference_tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(
-        root / "llm"
-    )
-    layout = MediaLayout.from_tokenizer(reference_tokenizer, 4)
+    tokenizer = AutoTokenizer.from_pretrained(root / "llm")
+    layout = MediaLayout.from_tokenizer(tokenizer, 4)
     prompt = layout.expand(render_prompt(tokenizer, PROMPT, "video"), [5])
-    expected = reference.greedy(
-        prompt.input_ids,
-        prompt.media_index,
-        reference_frames(pixels, 5, vision),
-        12,
-        tokenizer.convert_tokens_to_ids(IM_END),
-    )
-    assert result["token_ids"] == expected
-    assert result["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    expected = {
+        order: HFLongVILA(root, order).greedy(
+            prompt.input_ids,
+            prompt.media_index,
+            reference_frames(pixels, 5, vision),
+            12,
+            tokenizer.convert_tokens_to_ids(IM_END),
+        )
+        for order in ("raster", "legacy")
+    }
+    assert expected["raster"] != expected["legacy"]
+
+    args = ["--load", str(root), "--video", str(video), "--prompt", PROMPT]
+    args += ["--num-frames", "5", "--max-new-tokens", "12", "--json"]
+    for order, flag in (("raster", []), ("legacy", ["--token-order", "legacy"])):
+        done = run_generate(*args, *flag)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["token_ids"] == expected[order], order
+        assert result["text"] == tokenizer.decode(expected[order], skip_special_tokens=True)
 
 
 @pytest.mark.slow

@@ -63,7 +63,38 @@ def test_logits_match_hf_assembly(
         ours = gather_from_tensor_model_parallel_region(model(batch))[:, 0, : llm.vocab_size]
         embeds = reference.embeddings(batch.input_ids, batch.media_index, batch.frames)
         ref = reference.llm(inputs_embeds=embeds).logits[0]
-    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert _relative_error(ours, ref) <= 1e-5
+
+
+def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("order", ["raster", "legacy"])
+@pytest.mark.parametrize("image_size", [16, 20], ids=["4x4_patches", "5x5_patches"])
+def test_logits_match_hf_assembly_in_both_token_orders(
+    single_rank, tmp_path, tokenizer_dir, order, image_size
+):
+    """The projector's token order, even and odd patch grids: our logits equal the HF assembly
+    with REFERENCE 1's order stated cell by cell, and differ from the other order's."""
+    llm = tiny_llm_config(vocab_size=320)
+    vision = tiny_vision_config(image_size=image_size)
+    root = make_vila_checkpoint(tmp_path / "ckpt", tokenizer_dir, llm, vision)
+    model, tokenizer = load_vila(
+        root, ParallelConfig(), torch.device("cpu"), torch.float32, token_order=order
+    )
+    assert model.cfg.token_order == order
+    batch = prompt_batch(tokenizer, model.cfg, frames=2)
+    with torch.no_grad():
+        ours = gather_from_tensor_model_parallel_region(model(batch))[:, 0, : llm.vocab_size]
+        refs = {}
+        for ref_order in ("raster", "legacy"):
+            reference = HFLongVILA(root, ref_order)
+            embeds = reference.embeddings(batch.input_ids, batch.media_index, batch.frames)
+            refs[ref_order] = reference.llm(inputs_embeds=embeds).logits[0]
+    other = "legacy" if order == "raster" else "raster"
+    assert _relative_error(ours, refs[order]) <= 1e-5
+    assert _relative_error(ours, refs[other]) > 1e-3
 
 
 def test_malformed_checkpoints_are_refused(single_rank, tmp_path, tokenizer_dir):

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from longvila_mcore.checkpoint.dist import (
     FORMAT_FILE,
     INCOMPLETE,
-    model_config_from_dict,
+    model_config,
     read_meta,
     save_checkpoint,
     tokenizer_dir,
@@ -77,7 +77,12 @@ from longvila_mcore.checkpoint.hf import (
     tokenizer_files,
     unused_tensors,
 )
-from longvila_mcore.checkpoint.hf_export import MAX_SHARD_BYTES, SafetensorsFiles, hf_configs
+from longvila_mcore.checkpoint.hf_export import (
+    MAX_SHARD_BYTES,
+    SafetensorsFiles,
+    hf_configs,
+    write_tokenizer,
+)
 from longvila_mcore.checkpoint.mapping import Rule
 from longvila_mcore.checkpoint.tensors import (
     CheckpointError,
@@ -85,7 +90,7 @@ from longvila_mcore.checkpoint.tensors import (
     global_parameter_names,
     load_full_tensors,
 )
-from longvila_mcore.config import ModelConfig, ParallelConfig
+from longvila_mcore.config import ModelConfig, ParallelConfig, with_token_order
 from longvila_mcore.models.longvila import LongVILAModel
 from longvila_mcore.models.projector import SUPPORTED_PROJECTORS
 from longvila_mcore.runtime import init_distributed, init_model_parallel
@@ -143,12 +148,20 @@ def _model_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 
 def hf_to_mcore(
-    hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, progress: bool = False
+    hf_dir: str | Path,
+    out: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    progress: bool = False,
+    token_order: str | None = None,
 ) -> Path:
-    """Convert a VILA-layout checkpoint into a checkpoint of ours, written by tp x pp ranks."""
+    """Convert a VILA-layout checkpoint into a checkpoint of ours, written by tp x pp ranks.
+
+    `token_order`: the projector's token order, recorded in the checkpoint (None: the one the
+    HF directory records, else raster, the order of the Qwen2 LongVILA releases)."""
     out = _check_out(out)
     root = check_layout(hf_dir)
-    cfg, _, _ = read_config_and_tokenizer(root)
+    cfg, _, _ = read_config_and_tokenizer(root, token_order)
     parallel = ParallelConfig(tp=tp, pp=pp)
     try:
         parallel.data_parallel_size(tp * pp)
@@ -174,7 +187,15 @@ def hf_to_mcore(
     # the components differ; each comes back in its own dtype from mcore-to-hf.
     dtype = dtypes["llm"] if len(set(dtypes.values())) == 1 else torch.float32
     meta = {"hf": hf_origin(root, reader)}
-    log.info("converting %s to %s: tp %d x pp %d, %s", root, out, tp, pp, dtype_name(dtype))
+    log.info(
+        "converting %s to %s: tp %d x pp %d, %s, %s token order",
+        root,
+        out,
+        tp,
+        pp,
+        dtype_name(dtype),
+        cfg.token_order,
+    )
     with _removed_on_failure(_temporary(out)):
         _spawn_ranks(tp * pp, _write_shard, root, out, cfg, parallel, dtype, meta, progress)
     return out
@@ -317,12 +338,16 @@ def mcore_to_hf(
     out: str | Path,
     progress: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    token_order: str | None = None,
 ) -> Path:
-    """Write a checkpoint of ours in the VILA layout, tensor batch by tensor batch."""
+    """Write a checkpoint of ours in the VILA layout, tensor batch by tensor batch.
+
+    The token order (`token_order`, else the one the checkpoint records) goes into
+    `mm_projector/config.json`, so converting the export back keeps it."""
     out = _check_out(out)
     mcore_dir = Path(mcore_dir)
     meta = read_meta(mcore_dir)
-    cfg = model_config_from_dict(meta["model"])
+    cfg = with_token_order(model_config(meta, mcore_dir), token_order, mcore_dir)
     if cfg.projector_type not in SUPPORTED_PROJECTORS:
         raise CheckpointError(
             f"{mcore_dir / FORMAT_FILE}: projector type {cfg.projector_type!r} is not supported "
@@ -347,8 +372,7 @@ def mcore_to_hf(
             f.close()
         for key, content in hf_configs(cfg, carried, dtypes).items():
             (tmp / CONFIG_FILES[key]).write_text(json.dumps(content, indent=2) + "\n")
-        for file in tokenizer_dir(mcore_dir).iterdir():
-            shutil.copy2(file, tmp / "llm" / file.name)
+        write_tokenizer(tokenizer_dir(mcore_dir), tmp / "llm")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

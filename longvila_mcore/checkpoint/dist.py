@@ -3,7 +3,8 @@
 ```
 <checkpoint>/
   metadata.json, common.pt, *.distcp    Megatron dist_checkpointing: "model" (+ training state)
-  longvila.json                         format version, ModelConfig, step, parallel layout;
+  longvila.json                         format version, ModelConfig (token order included), step,
+                                        parallel layout;
                                         "hf": the released configs it was converted from
                                         (checkpoint/convert.py), kept for the way back
   tokenizer/                            the tokenizer the model was trained with
@@ -64,20 +65,42 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+def model_config(meta: dict[str, Any], path: str | Path) -> ModelConfig:
+    """The ModelConfig a checkpoint's `longvila.json` (`meta`, read from `path`) records.
+
+    Checkpoints written before the token order was recorded have no `token_order`: one that
+    training wrote (`stage` in meta) was trained with the only order the code had then, the
+    legacy one; one that hf-to-mcore wrote holds the HF weights unchanged, whose order is the
+    releases' raster one. Either way a log line says which was assumed and how to override it.
+    """
+    d = meta["model"]
     vision = dict(d["vision"])
     vision["image_mean"] = tuple(vision["image_mean"])
     vision["image_std"] = tuple(vision["image_std"])
+    order = d.get("token_order")
+    if order is None:
+        trained = "stage" in meta
+        order = "legacy" if trained else "raster"
+        log.warning(
+            "%s records no token order (written before it was recorded); assuming %s, the order "
+            "%s. Pass --token-order / model.token_order if that is wrong.",
+            path,
+            order,
+            "the code that trained it used"
+            if trained
+            else "of the Qwen2 LongVILA releases it was converted from",
+        )
     return ModelConfig(
         name=d["name"],
         llm=LLMConfig(**d["llm"]),
         vision=VisionConfig(**vision),
         projector_type=d["projector_type"],
+        token_order=order,
     )
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    return model_config_from_dict(read_meta(path)["model"])
+    return model_config(read_meta(path), path)
 
 
 def _barrier() -> None:

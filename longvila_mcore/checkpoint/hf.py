@@ -8,6 +8,10 @@ model_dir/
   mm_projector/     config {"mm_projector_type": "mlp_downsample"} + safetensors
 ```
 
+The projector's token order is not part of VILA's configs: it is `raster` (the Qwen2 LongVILA
+releases) unless `mm_projector/config.json` has our `token_order` key (written by mcore-to-hf) or
+the caller overrides it (`--token-order`).
+
 `llm/config.json` is accepted as transformers 4.x wrote it (`rope_theta`, `rope_scaling`) and as
 5.x writes it (`rope_parameters`). Tensors are read one at a time (safetensors is memory-mapped).
 """
@@ -26,7 +30,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from longvila_mcore.checkpoint.mapping import Rule, projector_rules, qwen2_rules, siglip_rules
 from longvila_mcore.checkpoint.tensors import CheckpointError, load_full_tensors
-from longvila_mcore.config import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
+from longvila_mcore.config import (
+    TOKEN_ORDERS,
+    LLMConfig,
+    ModelConfig,
+    ParallelConfig,
+    VisionConfig,
+    with_token_order,
+)
 from longvila_mcore.data.tokenizer import MediaTokenIds, ensure_media_tokens
 from longvila_mcore.models.longvila import LongVILAModel
 from longvila_mcore.models.projector import SUPPORTED_PROJECTORS
@@ -46,6 +57,10 @@ CONFIG_FILES = {
     "mm_projector": "mm_projector/config.json",
 }
 """The VILA layout's config files, by their key under "hf" in longvila.json."""
+TOKEN_ORDER_KEY = "token_order"
+"""Our key in `mm_projector/config.json` for `ModelConfig.token_order`. VILA's code ignores it
+(its projector config keeps only `mm_projector_type`); without it, the order is the releases'
+raster one."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -103,6 +118,12 @@ def read_model_config(hf_dir: str | Path) -> ModelConfig:
             f"{root / 'mm_projector' / 'config.json'}: projector type {projector_type!r} is not "
             f"supported (supported: {', '.join(SUPPORTED_PROJECTORS)})"
         )
+    order = projector.get(TOKEN_ORDER_KEY, "raster")
+    if order not in TOKEN_ORDERS:
+        raise CheckpointError(
+            f"{root / 'mm_projector' / 'config.json'}: {TOKEN_ORDER_KEY} {order!r} is not one of "
+            f"{', '.join(TOKEN_ORDERS)}"
+        )
     theta, factor = _rope(llm_cfg, root / "llm" / "config.json")
     llm = LLMConfig(
         vocab_size=llm_cfg["vocab_size"],
@@ -132,7 +153,9 @@ def read_model_config(hf_dir: str | Path) -> ModelConfig:
         image_std=tuple(preprocessor.get("image_std", (0.5, 0.5, 0.5))),
         use_head=tower.get("vision_use_head", True),
     )
-    return ModelConfig(name=root.name, llm=llm, vision=vision, projector_type=projector_type)
+    return ModelConfig(
+        name=root.name, llm=llm, vision=vision, projector_type=projector_type, token_order=order
+    )
 
 
 def _released_name(component: str, name: str) -> str:
@@ -232,14 +255,15 @@ def load_tokenizer(hf_dir: str | Path) -> tuple[PreTrainedTokenizerBase, MediaTo
 
 
 def read_config_and_tokenizer(
-    hf_dir: str | Path,
+    hf_dir: str | Path, token_order: str | None = None
 ) -> tuple[ModelConfig, PreTrainedTokenizerBase, MediaTokenIds]:
     """The model config and tokenizer of a checkpoint, the vocabulary grown to the tokenizer.
 
     When the tokenizer lacked the media tokens, the embedding (and untied output) tables grow to
     the new vocabulary; the added rows are zero (media-token embeddings are never used as inputs).
+    `token_order` overrides the projector's token order (None: the checkpoint's, see above).
     """
-    cfg = read_model_config(hf_dir)
+    cfg = with_token_order(read_model_config(hf_dir), token_order, hf_dir)
     tokenizer, media = load_tokenizer(hf_dir)
     cfg.llm.vocab_size = max(cfg.llm.vocab_size, len(tokenizer))
     return cfg, tokenizer, media
@@ -289,9 +313,10 @@ def load_vila(
     parallel: ParallelConfig,
     device: torch.device,
     dtype: torch.dtype,
+    token_order: str | None = None,
 ) -> tuple[LongVILAModel, PreTrainedTokenizerBase]:
     """Build LongVILAModel for this rank's layout and fill it from a VILA-layout checkpoint."""
-    cfg, tokenizer, _ = read_config_and_tokenizer(hf_dir)
+    cfg, tokenizer, _ = read_config_and_tokenizer(hf_dir, token_order)
     model = LongVILAModel(cfg, parallel, device, dtype, initialize=False)
     fill_from_vila(model, hf_dir)
     return model, tokenizer

@@ -2,20 +2,24 @@
 
 The config files are written the way transformers 4.x wrote them (`rope_theta` / `rope_scaling`,
 `torch_dtype`; transformers 5 reads these too), over the ones a checkpoint carried from its HF
-origin, and the tensors as transformers saves them, in files of at most 5 GB.
+origin, and the tensors as transformers saves them, in files of at most 5 GB. The tokenizer goes
+into `llm/` in the form of the releases, which VILA's code (transformers 4.46) reads: see
+`write_tokenizer`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from longvila_mcore.checkpoint.hf import DEFAULT_NUM_FRAMES, dtype_name
+from longvila_mcore.checkpoint.hf import DEFAULT_NUM_FRAMES, TOKEN_ORDER_KEY, dtype_name
 from longvila_mcore.config import ModelConfig
+from longvila_mcore.data.tokenizer import CHAT_TEMPLATE
 
 MAX_SHARD_BYTES = 5 * 10**9
 """Size limit of one safetensors file: transformers 4.x's `max_shard_size="5GB"`."""
@@ -152,6 +156,7 @@ def hf_configs(
         carried.get("mm_projector"),
         mm_projector_type=cfg.projector_type,
         torch_dtype=dtype_name(dtypes["mm_projector"]),
+        **{TOKEN_ORDER_KEY: cfg.token_order},
     )
     configs = {
         "config": _merged(
@@ -178,3 +183,46 @@ def hf_configs(
     if carried.get("generation_config"):
         configs["generation_config"] = carried["generation_config"]
     return configs
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+"""Tokenizer class names that only transformers 5 knows, and the 4.x class that reads the same
+`tokenizer.json` as it is. (Its `Qwen2Tokenizer`, which the releases name and 4.x reads as
+Qwen2TokenizerFast, would not do for another BPE: transformers 5 rebuilds a Qwen2Tokenizer's
+pre-tokenizer and normaliser as Qwen2's instead of taking those of `tokenizer.json`.)"""
+LOADING_KEYS = ("is_local", "local_files_only")
+"""Keys transformers 5 records about how a tokenizer was loaded, not what it is."""
+_ADDED_TOKEN_FIELDS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+
+
+def write_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer files of `src` into `dst` in the form the releases have them.
+
+    transformers 4.46 (VILA's) needs a tokenizer class it knows and the chat template inline in
+    `tokenizer_config.json` (it does not read `chat_template.jinja`, which transformers 5 writes
+    instead); the added tokens, VILA's media tokens among them (special, never split), are listed
+    in `added_tokens_decoder` as 4.x wrote them. transformers 5 reads this form too. A tokenizer
+    without a template gets the ChatML one this project renders prompts with when there is none
+    (data/chat.py), so both sides build the same prompts. Every other file is copied unchanged.
+    """
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    for file in src.iterdir():
+        if file.is_file() and file.name not in ("tokenizer_config.json", CHAT_TEMPLATE_FILE):
+            shutil.copy2(file, dst / file.name)
+    template = src / CHAT_TEMPLATE_FILE
+    if template.is_file():
+        config["chat_template"] = template.read_text()
+    if not config.get("chat_template"):
+        config["chat_template"] = CHAT_TEMPLATE
+    name = config.get("tokenizer_class")
+    config["tokenizer_class"] = TOKENIZER_CLASSES_4X.get(name, name)
+    for key in LOADING_KEYS:
+        config.pop(key, None)
+    tokenizer_json = src / "tokenizer.json"
+    if tokenizer_json.is_file():
+        added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
+        config["added_tokens_decoder"] = {
+            str(t["id"]): {k: t[k] for k in _ADDED_TOKEN_FIELDS if k in t} for t in added
+        }
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from longvila_mcore.checkpoint import dist as mcore_ckpt
 from longvila_mcore.checkpoint import hf
 from longvila_mcore.checkpoint.tensors import CheckpointError
-from longvila_mcore.config import ModelConfig, ParallelConfig
+from longvila_mcore.config import ModelConfig, ParallelConfig, with_token_order
 from longvila_mcore.models.longvila import LongVILAModel
 
 
@@ -38,22 +38,23 @@ class Source:
         return int(frames or hf.DEFAULT_NUM_FRAMES)
 
 
-def read_source(path: str | Path) -> Source:
+def read_source(path: str | Path, token_order: str | None = None) -> Source:
     """Model dimensions, tokenizer and origin of a checkpoint of ours or of a VILA-layout one.
 
     A VILA tokenizer without the media tokens gets them, and the vocabulary grows to match.
+    `token_order` (a flag or override) replaces the token order the checkpoint records.
     """
     root = Path(path)
     if mcore_ckpt.is_checkpoint(root):
         meta = mcore_ckpt.read_meta(root)
         return Source(
-            mcore_ckpt.read_model_config(root),
+            with_token_order(mcore_ckpt.model_config(meta, root), token_order, root),
             AutoTokenizer.from_pretrained(mcore_ckpt.tokenizer_dir(root)),
             meta.get("hf"),
             meta.get("config", {}).get("stage"),
         )
     if (root / "config.json").is_file() and (root / "llm").is_dir():
-        cfg, tokenizer, _ = hf.read_config_and_tokenizer(root)
+        cfg, tokenizer, _ = hf.read_config_and_tokenizer(root, token_order)
         return Source(cfg, tokenizer, hf.hf_origin(root, hf.SafetensorsReader(root)), None)
     raise CheckpointError(
         f"{root} is neither a checkpoint of this project ({mcore_ckpt.FORMAT_FILE}) nor a "
@@ -77,10 +78,15 @@ class LoadedModel:
 
 
 def load_for_inference(
-    path: str | Path, parallel: ParallelConfig, device: torch.device, dtype: torch.dtype
+    path: str | Path,
+    parallel: ParallelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    token_order: str | None = None,
 ) -> LoadedModel:
-    """The model at `path` built for `parallel` (it reshards), ready to generate."""
-    source = read_source(path)
+    """The model at `path` built for `parallel` (it reshards), ready to generate; `token_order`
+    None runs the projector in the order the checkpoint records."""
+    source = read_source(path, token_order)
     model = LongVILAModel(source.model, parallel, device, dtype, initialize=False)
     fill_weights(model, path)
     return LoadedModel(model.to(device), source.tokenizer, source.num_video_frames)
