@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.metadata
 import os
 
 import torch
@@ -42,19 +44,64 @@ def retain_freed_host_memory() -> bool:
     )
 
 
+FLASH_ATTN_SUPPORTED = ">=2.7,<2.9"
+"""flash-attn releases whose varlen interface `parallel/local_attention.FlashAttnKernel` calls:
+2.7 renamed `window_size` to `window_size_left` / `window_size_right` and cut the forward's
+return values from 8 to 4; 2.8 kept both. The `gpu` extra of pyproject.toml pins the same range
+(tests/test_gpu_image.py)."""
+
+
+@functools.cache
+def check_flash_attn() -> str:
+    """The installed flash-attn version; one clear RuntimeError if it is missing or outside
+    FLASH_ATTN_SUPPORTED. Called at start-up on GPU (init_distributed) and by attention_kernel."""
+    from packaging.specifiers import SpecifierSet
+
+    fix = (
+        "use the NGC image of the Dockerfile, or install flash-attn "
+        f"'{FLASH_ATTN_SUPPORTED}' built for this torch (`pip install 'longvila-mcore[gpu]'`)"
+    )
+    try:
+        version = importlib.metadata.version("flash-attn")
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"attention on GPU needs flash-attn, which is not installed: {fix}"
+        ) from None
+    if not SpecifierSet(FLASH_ATTN_SUPPORTED).contains(version, prereleases=True):
+        raise RuntimeError(
+            f"flash-attn {version} is installed, but the GPU attention calls the varlen "
+            f"interface of flash-attn {FLASH_ATTN_SUPPORTED}: {fix}"
+        )
+    return version
+
+
+TRANSFORMER_ENGINE_SUPPORTED = ">=2.9,<2.12"
+"""Transformer Engine releases Megatron-Core 0.16.1 is tested with (its own `dev` extra); the
+`gpu` extra pins the same range."""
+
+
+def check_gpu_stack() -> dict[str, str]:
+    """Versions of torch, Transformer Engine and flash-attn; raises naming the one outside the
+    supported ranges. The Dockerfile runs it when it builds the image."""
+    from packaging.specifiers import SpecifierSet
+
+    versions = {"torch": torch.__version__, "flash-attn": check_flash_attn()}
+    te = importlib.metadata.version("transformer-engine")
+    if not SpecifierSet(TRANSFORMER_ENGINE_SUPPORTED).contains(te, prereleases=True):
+        raise RuntimeError(
+            f"Transformer Engine {te} is installed; Megatron-Core 0.16.1 needs "
+            f"{TRANSFORMER_ENGINE_SUPPORTED}: choose an NGC PyTorch image that ships it"
+        )
+    return versions | {"transformer-engine": te}
+
+
 def attention_kernel(device: torch.device) -> type:
     """The local attention kernel for `device` (see parallel/local_attention.py)."""
     from longvila_mcore.parallel import local_attention
 
     if device.type != "cuda":
         return local_attention.TorchKernel
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(
-            "attention on GPU needs flash-attn >= 2.7: use the NGC image (Dockerfile) or "
-            "`pip install 'longvila-mcore[gpu]'`"
-        ) from e
+    check_flash_attn()
     return local_attention.FlashAttnKernel
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from longvila_mcore.config import ParallelConfig
-from longvila_mcore.runtime.device import retain_freed_host_memory
+from longvila_mcore.runtime.device import check_flash_attn, retain_freed_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
         }
     )
     if device.type == "cuda":
+        check_flash_attn()  # before any process group or model: one clear error
         torch.cuda.set_device(device)
     else:
         retain_freed_host_memory()
