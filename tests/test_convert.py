@@ -498,3 +498,26 @@ def test_hf_configs_keep_a_nested_siglip_config():
     assert tower["model_type"] == "siglip" and tower["torch_dtype"] == "bfloat16"
     assert tower["vision_config"]["image_size"] == 32 and tower["vision_config"]["vision_use_head"]
     assert "image_size" not in tower
+
+
+def test_checkpoints_without_a_recorded_token_order(caplog):
+    """longvila.json written before the order was recorded: a trained checkpoint is taken as
+    legacy (the code's order then), a converted one as raster (the releases' weights), each with
+    a warning; a recorded order is used as it is, and an explicit one wins over it."""
+    from longvila_mcore.checkpoint.dist import model_config
+    from longvila_mcore.config import with_token_order
+
+    recorded = dataclasses.asdict(ModelConfig())
+    old = {k: v for k, v in recorded.items() if k != "token_order"}
+    with caplog.at_level("WARNING"):
+        assert model_config({"model": old, "stage": "3_sft"}, "trained").token_order == "legacy"
+        assert model_config({"model": old, "hf": {}}, "converted").token_order == "raster"
+    assert [r.getMessage().split(" records")[0] for r in caplog.records] == ["trained", "converted"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        meta = {"model": recorded | {"token_order": "legacy"}, "stage": "3_sft"}
+        assert model_config(meta, "new").token_order == "legacy"
+    assert not caplog.records
+    cfg = model_config(meta, "new")
+    assert with_token_order(cfg, None, "new") is cfg
+    assert with_token_order(cfg, "raster", "new").token_order == "raster"

@@ -294,10 +294,12 @@ def hf_loss(reference, batches) -> float:
 
 
 @pytest.mark.slow
-def test_training_from_a_converted_checkpoint_starts_from_its_weights(tmp_path):
-    """checkpoint.load of an hf-to-mcore conversion: the first loss equals the HF model's loss
-    on the same batch."""
-    from longvila_mcore.checkpoint.convert import hf_to_mcore
+def test_legacy_order_survives_conversion_training_and_export(tmp_path, transformers4):
+    """hf-to-mcore --token-order legacy, then training from it with no flag: the first loss is
+    the HF assembly's in the legacy order (not the raster one), so the run used the order the
+    checkpoint records; the trained checkpoint records it, and so does its mcore-to-hf export,
+    which loads unedited in transformers 4.46 and 5 (its tokenizer saved by transformers 5)."""
+    from longvila_mcore.checkpoint.convert import hf_to_mcore, mcore_to_hf
     from longvila_mcore.checkpoint.hf import read_config_and_tokenizer
     from longvila_mcore.config import DataConfig
     from longvila_mcore.data.pipeline import build_pipeline
@@ -308,18 +310,20 @@ def test_training_from_a_converted_checkpoint_starts_from_its_weights(tmp_path):
         tiny_llm_config,
         tiny_vision_config,
     )
+    from tests.transformers4 import assert_export_loads_in_4_and_5
 
     hf_dir = make_vila_checkpoint(
         tmp_path / "hf",
         synthetic_paths().tokenizer_dir,
         tiny_llm_config(vocab_size=512),
         tiny_vision_config(),
+        qk_scale=10.0,  # attention sharp enough for the token order to show in the loss
     )
-    mcore = hf_to_mcore(hf_dir, tmp_path / "mcore", tp=2)
+    mcore = hf_to_mcore(hf_dir, tmp_path / "mcore", tp=2, token_order="legacy")
     out = tmp_path / "run"
     run_train(out, "+stage=3_sft", "train.max_steps=1", f"checkpoint.load={mcore}")
 
-    cfg, tokenizer, _ = read_config_and_tokenizer(hf_dir)
+    cfg, tokenizer, _ = read_config_and_tokenizer(hf_dir, "legacy")
     pipeline = build_pipeline(
         DataConfig(),
         "conversation",
@@ -335,9 +339,43 @@ def test_training_from_a_converted_checkpoint_starts_from_its_weights(tmp_path):
         dp_size=1,
         seed=1234,
     )
-    expected = hf_loss(HFLongVILA(hf_dir), next(pipeline))
+    batches = next(pipeline)
     pipeline.close()
-    assert abs(losses(out)[1] - expected) <= 1e-5 * expected
+    expected = {
+        order: hf_loss(HFLongVILA(hf_dir, order), batches) for order in ("legacy", "raster")
+    }
+    # the orders' losses differ by ~5e-5 (relative); ours matches the legacy one within 1e-5
+    assert abs(expected["legacy"] - expected["raster"]) > 2e-5 * expected["legacy"]
+    assert abs(losses(out)[1] - expected["legacy"]) <= 1e-5 * expected["legacy"]
+
+    trained = out / "checkpoints" / "step_0000001"
+    assert json.loads((trained / "longvila.json").read_text())["model"]["token_order"] == "legacy"
+    export = mcore_to_hf(trained, tmp_path / "export")
+    assert read_config_and_tokenizer(export)[0].token_order == "legacy"  # what hf-to-mcore reads
+    assert_export_loads_in_4_and_5(transformers4, export, tmp_path / "export_4.46")
+
+
+def test_an_explicit_token_order_wins_over_the_checkpoint(tmp_path):
+    from longvila_mcore.train import _explicit_token_order, _starting_point
+
+    config = Config()
+    assert _explicit_token_order(config, ["+stage=3_sft", "train.max_steps=1"]) is None
+    config.model.token_order = "legacy"
+    assert _explicit_token_order(config, ["+stage=3_sft", "model.token_order=legacy"]) == "legacy"
+    assert _explicit_token_order(config, ["++model.token_order=legacy"]) == "legacy"
+
+    from longvila_mcore.data.synthetic import synthetic_paths
+    from tests.hf_reference import make_vila_checkpoint, tiny_llm_config, tiny_vision_config
+
+    hf_dir = make_vila_checkpoint(
+        tmp_path / "hf",
+        synthetic_paths().tokenizer_dir,
+        tiny_llm_config(vocab_size=512),
+        tiny_vision_config(),
+    )
+    config = Config()
+    assert _starting_point(config, hf_dir)[0].token_order == "raster"  # the releases' order
+    assert _starting_point(config, hf_dir, "legacy")[0].token_order == "legacy"
 
 
 def test_metrics_lines_and_tensorboard(tmp_path):
