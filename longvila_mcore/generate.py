@@ -1,5 +1,5 @@
 """Answer a question about a video: `python -m longvila_mcore.generate --load DIR --video PATH
---prompt TEXT [--num-frames N] [--max-new-tokens K] [--json]`.
+--prompt TEXT [--num-frames N] [--max-new-tokens K] [--video-resize rgb|yuv] [--json]`.
 
 DIR is a VILA-layout HF checkpoint or a checkpoint this project wrote. The video is decoded with
 PyAV, `--num-frames` frames are sampled uniformly and preprocessed for the tower as VILA does it

@@ -18,6 +18,7 @@ from tests.vila_reference import (
     colour_edge_frames,
     h264_clip,
     pil_siglip_processor,
+    scene_frames,
     vila_image,
     vila_video_frames,
 )
@@ -37,6 +38,8 @@ CLIPS = {
     "portrait 182x322 4:2:0, BT.709 tag": (322, 182, "yuv420p", "ITU709"),
     "odd 201x117 4:4:4": (117, 201, "yuv444p", None),
     "full-range 4:2:0 150x94": (94, 150, "yuvj420p", None),
+    # Larger than the tower: shrunk by 3.3 x 1.9, where Pillow's optional `reducing_gap` would act.
+    "landscape 1282x722 4:2:0": (722, 1282, "yuv420p", None),
 }
 
 
@@ -49,7 +52,7 @@ def processor():
 def clip(request, tmp_path_factory):
     height, width, pix_fmt, colorspace = CLIPS[request.param]
     seed = list(CLIPS).index(request.param)
-    frames = colour_edge_frames(30, height, width, seed)
+    frames = colour_edge_frames(16, height, width, seed)
     path = tmp_path_factory.mktemp("clips") / "clip.mp4"
     path.write_bytes(h264_clip(frames, pix_fmt=pix_fmt, colorspace=colorspace))
     return path
@@ -71,13 +74,16 @@ def test_video_frames_equal_vilas(clip, processor):
     assert torch.equal(load_video(clip.read_bytes(), 8, VISION), ours)
 
 
-def test_the_yuv_resize_is_close_but_not_vilas(clip, processor):
-    yuv = load_video(clip, 8, VISION, resize="yuv")
-    d = difference(yuv, vila_video_frames(clip, 8, processor))
-    # It really is another resampling: chroma at half resolution is resized on its own, so
-    # the sharp colour edges come out differently (by up to about half the range here, where one
-    # level is 0.015). Still the same picture: on average within about 15 levels.
-    assert d["max"] > 0.3 and d["mean"] < 0.3, d
+@pytest.mark.parametrize("height, width", [(240, 320), (480, 854)])
+def test_the_yuv_resize_is_close_but_not_vilas(tmp_path, height, width):
+    vision = VisionConfig(image_size=384)  # the releases' mean and std 0.5: units of [-1, 1]
+    processor = pil_siglip_processor(384, vision.image_mean, vision.image_std)
+    path = tmp_path / "scene.mp4"
+    path.write_bytes(h264_clip(scene_frames(16, height, width)))
+    d = difference(load_video(path, 8, vision, resize="yuv"), vila_video_frames(path, 8, processor))
+    # Another resampling (chroma resized at half resolution, on its own): it differs at the
+    # colour edges, by up to half the range, but the picture is the same (one level is 0.008).
+    assert d["max"] > 0.5 and d["mean"] < 0.015 and d["p99"] < 0.15, d
 
 
 def test_frame_sampling_follows_vila_on_short_and_long_requests(tmp_path, processor):

@@ -123,6 +123,32 @@ def colour_edge_frames(num: int, height: int, width: int, seed: int = 0) -> np.n
     return frames
 
 
+def scene_frames(num: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 `[F, H, W, 3]`: a scene more like filmed video: smooth colour gradients behind a few
+    solid coloured discs and boxes with sharp edges that move, and mild sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width] / max(height, width)
+    background = np.stack([160 + 80 * x, 90 + 100 * y, 200 - 120 * x * y], axis=-1)
+    shapes = [
+        (rng.uniform(0.1, 0.9, 2), rng.uniform(0.05, 0.2), rng.uniform(-0.01, 0.01, 2),
+         PRIMARIES[rng.integers(len(PRIMARIES))], bool(rng.integers(2)))
+        for _ in range(6)
+    ]  # fmt: skip
+    frames = np.empty((num, height, width, 3), np.uint8)
+    for i in range(num):
+        frame = background.copy()
+        for centre, radius, velocity, colour, disc in shapes:
+            cy, cx = centre + i * velocity
+            if disc:
+                inside = (y - cy) ** 2 + (x - cx) ** 2 <= radius**2
+            else:
+                inside = (abs(y - cy) <= radius) & (abs(x - cx) <= radius / 2)
+            frame[inside] = colour
+        frame += rng.normal(0, 2, frame.shape)
+        frames[i] = frame.clip(0, 255)
+    return frames
+
+
 def h264_clip(
     frames: np.ndarray,
     *,
