@@ -86,7 +86,7 @@ def test_the_yuv_resize_is_close_but_not_vilas(tmp_path, height, width):
     assert d["max"] > 0.5 and d["mean"] < 0.015 and d["p99"] < 0.15, d
 
 
-def test_frame_sampling_follows_vila_on_short_and_long_requests(tmp_path, processor):
+def test_uniform_sampling_takes_vilas_frames(tmp_path, processor):
     path = tmp_path / "clip.mp4"
     path.write_bytes(h264_clip(colour_edge_frames(13, 64, 96, seed=7)))
     for num_frames in (1, 5, 13):
