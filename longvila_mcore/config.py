@@ -155,8 +155,8 @@ class DataConfig:
     video_resize: str = "rgb"
     """How video frames are brought to the tower's size. `rgb`: as VILA prepared the frames the
     released checkpoints saw (each sampled frame decoded to RGB at its own size, then Pillow
-    bicubic). `yuv`: swscale resizes while the frame is still YUV 4:2:0, several times faster on
-    large videos but different at colour edges (README, "Video frames")."""
+    bicubic). `yuv`: swscale resizes while the frame is still YUV 4:2:0; faster (the more so the
+    larger the video) but different at colour edges (README, "Video frames")."""
     cache_dir: str | None = None
     """Base directory of the synthetic dataset; default $LONGVILA_CACHE or ~/.cache/longvila_mcore."""
     tokenizer: str | None = None

@@ -2,10 +2,11 @@
 
 By default every frame is prepared as VILA's own pipeline prepares it, which is what the released
 checkpoints were trained and evaluated on: each sampled video frame is decoded to RGB at the
-video's own size (VILA: OpenCV; here PyAV, the same libswscale conversion, bit for bit), becomes a
-Pillow image and is squashed to the tower's square with Pillow's bicubic filter, as transformers'
-PIL `SiglipImageProcessor` resizes; then it is scaled to [0, 1] and normalised with the tower's
-mean and std in that processor's float order (REFERENCE 1). Images take the same Pillow path.
+video's own size (VILA: OpenCV; here PyAV: the same libswscale conversion, equal on every clip
+tested), becomes a Pillow image and is squashed to the tower's square with Pillow's bicubic
+filter, as transformers' PIL `SiglipImageProcessor` resizes; then it is scaled to [0, 1] and
+normalised with the tower's mean and std in that processor's float order (REFERENCE 1). Images
+take the same Pillow path.
 
 `video_resize="yuv"` is the faster alternative for videos: swscale resizes while the frame is
 still in the decoder's YUV 4:2:0, which treats chroma differently (README: speed and difference).
