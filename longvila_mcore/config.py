@@ -187,6 +187,11 @@ class DataConfig:
     """Samples held in the seeded shuffle buffer (0: keep shard order within shards)."""
     num_workers: int = 0
     """Threads decoding samples ahead (0: in the main thread); the stream does not depend on it."""
+    video_resize: str = "rgb"
+    """How video frames are brought to the tower's size. `rgb`: as VILA prepared the frames the
+    released checkpoints saw (each sampled frame decoded to RGB at its own size, then Pillow
+    bicubic). `yuv`: swscale resizes while the frame is still YUV 4:2:0; faster (the more so the
+    larger the video) but different at colour edges (README, "Video frames")."""
     cache_dir: str | None = None
     """Base directory of the synthetic dataset; default $LONGVILA_CACHE or ~/.cache/longvila_mcore."""
     tokenizer: str | None = None

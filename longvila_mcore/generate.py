@@ -1,8 +1,10 @@
 """Answer a question about a video: `python -m longvila_mcore.generate --load DIR --video PATH
---prompt TEXT [--num-frames N] [--max-new-tokens K] [--json] [--token-order raster|legacy]`.
+--prompt TEXT [--num-frames N] [--max-new-tokens K] [--video-resize rgb|yuv] [--json]
+[--token-order raster|legacy]`.
 
 DIR is a VILA-layout HF checkpoint or a checkpoint this project wrote. The video is decoded with
-PyAV, `--num-frames` frames are sampled uniformly and preprocessed for the tower, the prompt goes
+PyAV, `--num-frames` frames are sampled uniformly and preprocessed for the tower as VILA does it
+(`--video-resize yuv`: the faster resize before the conversion to RGB), the prompt goes
 through the tokenizer's chat template (user turn = `<vila/video>` + prompt), and decoding is greedy
 with a KV cache. Under torchrun, the ranks split the model tensor-parallel. The projector's token
 order is the one the checkpoint records (raster for a released VILA-layout directory) unless
@@ -28,7 +30,7 @@ from longvila_mcore.config import TOKEN_ORDERS, ParallelConfig
 from longvila_mcore.data.batch import IGNORE_INDEX, Batch
 from longvila_mcore.data.chat import render_prompt
 from longvila_mcore.data.layout import MediaLayout
-from longvila_mcore.data.media import MediaError, load_video
+from longvila_mcore.data.media import VIDEO_RESIZES, MediaError, load_video
 from longvila_mcore.data.tokenizer import IM_END, token_id
 from longvila_mcore.models.longvila import LongVILAModel
 from longvila_mcore.models.qwen2 import Qwen2Model
@@ -110,6 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
+        "--video-resize",
+        choices=VIDEO_RESIZES,
+        default="rgb",
+        help="rgb: frames decoded to RGB at their own size, then Pillow bicubic, as VILA prepares "
+        "them (default); yuv: resized by swscale before the conversion to RGB, faster",
+    )
+    p.add_argument(
         "--token-order",
         choices=TOKEN_ORDERS,
         default=None,
@@ -134,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             args.load, parallel, device, default_dtype(device), args.token_order
         )
         num_frames = args.num_frames or loaded.num_video_frames
-        frames = load_video(args.video, num_frames, loaded.model.cfg.vision)
+        frames = load_video(
+            args.video, num_frames, loaded.model.cfg.vision, resize=args.video_resize
+        )
     except (CheckpointError, MediaError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

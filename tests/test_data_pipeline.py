@@ -50,9 +50,11 @@ def write_broken_shard(path, good_shard: str) -> None:
                 writer.write({"__key__": f"broken-{i}", **broken[i]})
 
 
-def make(dataset, kind="conversation", *, pattern=None, shuffle_buffer=8, num_workers=0, **kw):
+def make(dataset, kind="conversation", *, pattern=None, shuffle_buffer=8, num_workers=0,
+         video_resize="rgb", **kw):  # fmt: skip
     shards, _, tokenizer = dataset
-    data = DataConfig(name="test", **shards, shuffle_buffer=shuffle_buffer, num_workers=num_workers)
+    data = DataConfig(name="test", **shards, shuffle_buffer=shuffle_buffer,
+                      num_workers=num_workers, video_resize=video_resize)  # fmt: skip
     if pattern:
         setattr(data, kind, pattern)
     args = dict(num_frames=16, fps=None, max_length=256, global_batch_size=4, micro_batch_size=2,
@@ -75,6 +77,17 @@ def samples_of(step) -> list[tuple]:
 
 def run(pipeline, steps: int) -> list[list[tuple]]:
     return [samples_of(next(pipeline)) for _ in range(steps)]
+
+
+def test_data_video_resize_picks_how_frames_are_resized(dataset):
+    rgb, yuv = (next(make(dataset, video_resize=resize)) for resize in ("rgb", "yuv"))
+    assert [b.input_ids.tolist() for b in rgb] == [b.input_ids.tolist() for b in yuv]
+    frames_rgb, frames_yuv = (torch.cat([b.frames for b in step]) for step in (rgb, yuv))
+    assert len(frames_rgb) > 1  # the step holds a video
+    difference = (frames_rgb - frames_yuv).abs()
+    assert 0 < difference.max() < 1 and difference.mean() < 0.05  # tests/test_data_vila_frames.py
+    with pytest.raises(ValueError, match="video_resize='area'"):
+        make(dataset, video_resize="area")
 
 
 def test_same_seed_same_stream_whatever_the_workers(dataset):

@@ -83,3 +83,14 @@ def test_generate_reports_bad_input_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "error:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_video_resize_flag_defaults_to_vilas_preprocessing(capsys):
+    from longvila_mcore.generate import parse_args
+
+    required = ["--load", "ckpt", "--video", "clip.mp4", "--prompt", "hi"]
+    assert parse_args(required).video_resize == "rgb"
+    assert parse_args([*required, "--video-resize", "yuv"]).video_resize == "yuv"
+    with pytest.raises(SystemExit):
+        parse_args([*required, "--video-resize", "area"])
+    assert "invalid choice: 'area'" in capsys.readouterr().err

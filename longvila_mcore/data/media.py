@@ -1,14 +1,22 @@
 """Videos and images to frames for the vision tower: decode, sample, resize, normalise.
 
-Videos are decoded with PyAV; the frames kept are resized by swscale while still in the decoder's
-pixel format (bicubic, squashed to a square, as the tower was trained), then scaled to [0, 1] and
-normalised with the tower's mean and std (REFERENCE 1). Images go through Pillow the same way.
+By default every frame is prepared as VILA's own pipeline prepares it, which is what the released
+checkpoints were trained and evaluated on: each sampled video frame is decoded to RGB at the
+video's own size (VILA: OpenCV; here PyAV: the same libswscale conversion, equal on every clip
+tested), becomes a Pillow image and is squashed to the tower's square with Pillow's bicubic
+filter, as transformers' PIL `SiglipImageProcessor` resizes; then it is scaled to [0, 1] and
+normalised with the tower's mean and std in that processor's float order (REFERENCE 1). Images
+take the same Pillow path.
+
+`video_resize="yuv"` is the faster alternative for videos: swscale resizes while the frame is
+still in the decoder's YUV 4:2:0, which treats chroma differently (README: speed and difference).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -22,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 MediaSource = str | Path | bytes
 """A file path, or the encoded bytes of a file (as read from a shard)."""
+
+
+VIDEO_RESIZES = ("rgb", "yuv")
+"""How video frames reach the tower's size: `rgb` (VILA's way, the default) or `yuv` (faster)."""
 
 
 class MediaError(ValueError):
@@ -53,25 +65,45 @@ def fps_indices(total: int, frame_rate: float, fps: float, num_frames: int) -> l
 
 
 def normalize(rgb: np.ndarray, vision: VisionConfig) -> torch.Tensor:
-    """uint8 `[F, H, W, 3]` -> float32 `[F, 3, H, W]`, scaled to [0, 1] and normalised."""
+    """uint8 `[F, H, W, 3]` -> float32 `[F, 3, H, W]`, scaled to [0, 1] and normalised.
+
+    The float steps of transformers' image processors: x / 255 in float32 (for every uint8 value
+    equal to their float64 product with 1/255 rounded to float32), then (x - mean) / std in float32.
+    """
     x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(vision.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(vision.image_std).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
+def check_video_resize(resize: str) -> None:
+    """Raise ValueError unless `resize` is one of VIDEO_RESIZES."""
+    if resize not in VIDEO_RESIZES:
+        raise ValueError(
+            f"video_resize={resize!r} (data.video_resize, generate --video-resize) must be 'rgb' "
+            "(VILA's preprocessing) or 'yuv' (faster: resized before the conversion to RGB)"
+        )
+
+
 def load_video(
-    source: MediaSource, num_frames: int, vision: VisionConfig, *, fps: float | None = None
+    source: MediaSource,
+    num_frames: int,
+    vision: VisionConfig,
+    *,
+    fps: float | None = None,
+    resize: str = "rgb",
 ) -> torch.Tensor:
     """Decode a video into `[F, 3, S, S]` frames (S = vision.image_size), F <= num_frames.
 
     Frames are sampled uniformly over the clip, or at `fps` frames a second when given (both
-    capped at `num_frames`). Raises MediaError naming the source when it cannot be decoded.
+    capped at `num_frames`), and resized as `resize` says (VIDEO_RESIZES). Raises MediaError
+    naming the source when it cannot be decoded.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames={num_frames} must be >= 1")
     if fps is not None and fps <= 0:
         raise ValueError(f"fps={fps} must be > 0 (or None for uniform sampling)")
+    check_video_resize(resize)
     name = _describe(source)
     try:
         with _open(source) as container:
@@ -93,7 +125,7 @@ def load_video(
             wanted = fps_indices(total, float(rate), fps, num_frames)
         if fps is None and total < num_frames:
             logger.debug("%s has %d frames, fewer than %d: taking all", name, total, num_frames)
-        frames = _decode(source, wanted, vision.image_size)
+        frames = _decode(source, wanted, _FRAME_TO_TOWER[resize], vision.image_size)
     except (av.FFmpegError, OSError) as err:
         raise MediaError(
             f"cannot decode video {name}: {err}; check that it exists and is a complete video file"
@@ -112,8 +144,7 @@ def load_image(source: MediaSource, vision: VisionConfig) -> torch.Tensor:
     size = vision.image_size
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-            rgb = np.array(image)
+            rgb = resize_rgb(image.convert("RGB"), size)
     except OSError as err:  # Pillow's UnidentifiedImageError and truncation errors are OSErrors
         raise MediaError(
             f"cannot decode image {name}: {err}; check that it exists and is a complete image"
@@ -121,8 +152,35 @@ def load_image(source: MediaSource, vision: VisionConfig) -> torch.Tensor:
     return normalize(rgb[None], vision)
 
 
-def _decode(source: MediaSource, wanted: list[int], size: int) -> list[np.ndarray]:
-    """The frames at the sorted indices `wanted`, as uint8 `[S, S, 3]`; stops after the last."""
+def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB image squashed to uint8 `[S, S, 3]` as transformers' PIL image processors resize:
+    Pillow's bicubic filter in one step (no `reducing_gap`)."""
+    return np.array(image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None))
+
+
+def _rgb_then_resize(frame: av.VideoFrame, size: int) -> np.ndarray:
+    # to_image converts at the frame's own size: the same swscale call as OpenCV's decoder.
+    return resize_rgb(frame.to_image(), size)
+
+
+def _resize_in_yuv(frame: av.VideoFrame, size: int) -> np.ndarray:
+    return frame.reformat(size, size, "rgb24", interpolation="BICUBIC").to_ndarray()
+
+
+_FRAME_TO_TOWER = {"rgb": _rgb_then_resize, "yuv": _resize_in_yuv}
+
+
+def _decode(
+    source: MediaSource,
+    wanted: list[int],
+    to_tower: Callable[[av.VideoFrame, int], np.ndarray],
+    size: int,
+) -> list[np.ndarray]:
+    """The frames at the sorted indices `wanted`, as uint8 `[S, S, 3]`; stops after the last.
+
+    Every frame up to the last wanted one is decoded (frames depend on each other), but only the
+    wanted ones are converted and resized.
+    """
     frames: list[np.ndarray] = []
     if not wanted:
         return frames
@@ -131,8 +189,7 @@ def _decode(source: MediaSource, wanted: list[int], size: int) -> list[np.ndarra
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index == wanted[len(frames)]:
-                rgb = frame.reformat(size, size, "rgb24", interpolation="BICUBIC")
-                frames.append(rgb.to_ndarray())
+                frames.append(to_tower(frame, size))
                 if len(frames) == len(wanted):
                     break
     return frames

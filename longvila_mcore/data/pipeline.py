@@ -245,6 +245,7 @@ def build_pipeline(
         model.vision,
         num_frames=num_frames,
         fps=fps,
+        video_resize=data.video_resize,
     )
     return Pipeline(
         expand_shards(shard_pattern(data, kind)),

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from longvila_mcore.config import VisionConfig
 from longvila_mcore.data.chat import ConversationError, conversation_messages, render_chat
 from longvila_mcore.data.layout import MediaLayout, shift_labels
-from longvila_mcore.data.media import load_image, load_video
+from longvila_mcore.data.media import check_video_resize, load_image, load_video
 from longvila_mcore.data.tokenizer import IM_END, encode_text, token_id
 
 KINDS = ("caption", "interleaved", "conversation", "text")
@@ -66,16 +66,19 @@ class SampleBuilder:
         *,
         num_frames: int,
         fps: float | None = None,
+        video_resize: str = "rgb",
     ):
         if num_frames < 1:
             raise ValueError(f"num_frames={num_frames} must be >= 1")
         if fps is not None and fps <= 0:
             raise ValueError(f"fps={fps} must be > 0, or None to sample frames uniformly")
+        check_video_resize(video_resize)
         self.tokenizer = tokenizer
         self.layout = layout
         self.vision = vision
         self.num_frames = num_frames
         self.fps = fps
+        self.video_resize = video_resize
         self.end_id = token_id(tokenizer, IM_END)
         self.vocab_size = len(tokenizer)
 
@@ -148,7 +151,11 @@ class SampleBuilder:
             raise BadSample("bad_conversation", str(err)) from err
         ids, targets = render_chat(self.tokenizer, messages)
         if video is not None:
-            frames = [load_video(video, self.num_frames, self.vision, fps=self.fps)]
+            frames = [
+                load_video(
+                    video, self.num_frames, self.vision, fps=self.fps, resize=self.video_resize
+                )
+            ]
         elif image is not None:
             frames = [load_image(image, self.vision)]
         else:
