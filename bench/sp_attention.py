@@ -1,12 +1,20 @@
 """Sequence-parallel attention on 4 gloo ranks: 2D (2x2), ring (1x4), Ulysses (4x1), all-gather.
 
-For each layout, one attention layer's forward + backward on S tokens: the bytes each rank sends,
-counted at our collectives and compared with REFERENCE 4's formulas; the time; the per-rank peak
-memory (tensors alive during the step, inputs included). Then the per-rank peak memory against N
-for a long sequence. Prints tables and writes bench/results/sp_attention.json.
+For each layout, one attention layer's forward + backward on S tokens: the collective calls and
+the bytes each rank sends, counted at our collectives and compared with REFERENCE 4's formulas;
+the host syncs (`runtime.device.count_host_syncs`, a separate untimed pass); the time; the
+per-rank peak memory (tensors alive during the step, inputs included). Then the per-rank peak
+memory against N for a long sequence, and the padding a pack needs under the old rule (every
+sample to a multiple of 2N) and the new one (2R per sample, N for the pack). Prints tables, writes
+bench/results/sp_attention.json; with --json the last line of stdout is one JSON object.
 
     python bench/sp_attention.py [--seq 4096] [--heads 8] [--kv-heads 4] [--head-dim 64]
-                                 [--iters 3] [--long-seq 32768] [--long-heads 2]
+                                 [--iters 3] [--long-seq 32768] [--long-heads 2] [--json]
+
+The "main" columns are not measured here: they are this script's numbers on main before the
+fused path (commit b211d05, `python bench/sp_attention.py`, the same defaults, 4 gloo ranks on the
+same 2-core machine, run 2026-12-02), kept in MAIN_BASELINE; calls and host syncs of main were
+counted by the same counters on that commit. Times on a shared machine vary by tens of percent.
 
 Formulas (elements per rank per layer; H = heads x d, H_kv = KV heads x d after the replication
 for Ulysses, i.e. lcm(kv heads, U) x d):
@@ -38,6 +46,20 @@ from torch.utils._pytree import tree_flatten
 WORLD = 4
 LAYOUTS = {"2d": (2, 2), "ring": (1, 4), "ulysses": (4, 1), "all_gather": (1, 4)}
 RESULTS = Path(__file__).parent / "results" / "sp_attention.json"
+# main at b211d05 (see the module docstring): per layout, fwd/bwd all-to-all and ring calls
+# (one ring call = one batch of point-to-point ops), host syncs per layer, time, peak memory;
+# then the per-rank peak memory of the 2D attention at S=32768 against N.
+MAIN_BASELINE = {
+    "layouts": {
+        "2d": {"a2a": (4, 4), "ring": (1, 2), "syncs": 6, "time_ms": 1297, "peak_mb": 30.1},
+        "ring": {"a2a": (0, 0), "ring": (3, 6), "syncs": 6, "time_ms": 854, "peak_mb": 32.1},
+        "ulysses": {"a2a": (4, 4), "ring": (0, 0), "syncs": 6, "time_ms": 1249, "peak_mb": 20.1},
+        "all_gather": {"a2a": (0, 0), "ring": (0, 0), "syncs": 0, "time_ms": 1198, "peak_mb": 36.1},
+    },
+    "memory_mb": {1: 128.5, 2: 104.4, 4: 84.2},
+}
+# Layouts of the padding table: N = 4, 32 and 256.
+PADDING_LAYOUTS = ((2, 2), (8, 4), (8, 32))
 
 
 class PeakMemory(TorchDispatchMode):
@@ -191,6 +213,7 @@ def _inputs(seq_local, heads, kv_heads, head_dim, seed):
 def measure_layout(mode, args) -> dict:
     from longvila_mcore.parallel import init_sequence_parallel
     from longvila_mcore.parallel.collectives import count_communication
+    from longvila_mcore.runtime.device import count_host_syncs
 
     ulysses, ring = LAYOUTS[mode]
     sp = init_sequence_parallel(ulysses, ring)
@@ -206,11 +229,13 @@ def measure_layout(mode, args) -> dict:
         out = forward(mode, sp, q, k, v)
     with count_communication() as bwd_counter:
         out.backward(dout)
+    with count_host_syncs() as syncs:
+        step(mode, sp, q, k, v, dout)
     with PeakMemory(q, k, v, dout) as memory:
         step(mode, sp, q, k, v, dout)
         peak = memory.peak
-    fwd_sent, bwd_sent, peak = _max_over_ranks(
-        [fwd_counter.total_sent, bwd_counter.total_sent, peak]
+    fwd_sent, bwd_sent, peak, num_syncs = _max_over_ranks(
+        [fwd_counter.total_sent, bwd_counter.total_sent, peak, len(syncs)]
     )
     fwd_expected, bwd_expected = (
         4 * e
@@ -225,6 +250,9 @@ def measure_layout(mode, args) -> dict:
         "expected_fwd_bytes": fwd_expected,
         "expected_bwd_bytes": bwd_expected,
         "ratio": (fwd_sent + bwd_sent) / (fwd_expected + bwd_expected),
+        "all_to_all_calls": [fwd_counter.calls["ulysses"], bwd_counter.calls["ulysses"]],
+        "ring_calls": [fwd_counter.calls["ring"], bwd_counter.calls["ring"]],
+        "host_syncs": int(num_syncs),
         "time_s": statistics.median(times),
         "peak_bytes": peak,
     }
@@ -247,6 +275,8 @@ def measure_memory_scaling(args) -> dict:
                 step("2d", sp, q, k, v, dout)
                 peak = memory.peak
         results[n] = {"layout": f"{ulysses}x{ring}", "peak_bytes": _max_over_ranks([peak])[0]}
+    for r in results.values():
+        r["ratio"] = r["peak_bytes"] / results[1]["peak_bytes"]
     return results
 
 
@@ -260,41 +290,91 @@ def _worker(rank, port, args):
     layouts = {mode: measure_layout(mode, args) for mode in LAYOUTS}
     scaling = measure_memory_scaling(args) if args.long_seq else {}
     if rank == 0:
-        report(args, layouts, scaling)
+        report(args, layouts, scaling, padding_overhead())
     dist.barrier()
     dist.destroy_process_group()
 
 
-def report(args, layouts, scaling):
+def padding_overhead(seed: int = 0, samples: int = 64) -> list[dict]:
+    """Tokens of one pack of `samples` random lengths, and the padding under each rule."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(200, 8000, (samples,), generator=gen).tolist()
+
+    def up(n, m):
+        return -(-n // m) * m
+
+    rows = []
+    for ulysses, ring in PADDING_LAYOUTS:
+        n = ulysses * ring
+        old = sum(up(x, 2 * n) for x in lengths)
+        new = up(sum(up(x, 2 * ring) for x in lengths), math.lcm(2 * ring, n))
+        raw = sum(lengths)
+        rows.append(
+            {"layout": f"{ulysses}x{ring}", "tokens": raw, "padded_old": old, "padded_new": new}
+        )
+    return rows
+
+
+def report(args, layouts, scaling, padding):
     mb = 2**20
+    main = MAIN_BASELINE
     print(
         f"\none attention layer, forward + backward, {WORLD} gloo ranks, S={args.seq}, "
-        f"heads={args.heads}, kv_heads={args.kv_heads}, head_dim={args.head_dim}, fp32"
+        f"heads={args.heads}, kv_heads={args.kv_heads}, head_dim={args.head_dim}, fp32; "
+        "'main' columns: MAIN_BASELINE (see the module docstring)"
     )
     header = (
-        f"{'mode':<11}{'UxR':>5}{'sent fwd MB':>13}{'sent bwd MB':>13}{'formula MB':>12}"
-        f"{'ratio':>7}{'time ms':>9}{'peak MB':>9}"
+        f"{'mode':<11}{'UxR':>5}{'a2a f/b':>9}{'main':>6}{'ring f/b':>9}{'main':>6}"
+        f"{'sent fwd MB':>12}{'sent bwd MB':>12}{'formula':>8}{'ratio':>6}{'syncs':>6}{'main':>5}"
+        f"{'ms':>7}{'main':>6}{'peak MB':>8}{'main':>6}"
     )
     print(header)
     for mode, r in layouts.items():
+        base = main["layouts"][mode]
         sent = (r["sent_fwd_bytes"] + r["sent_bwd_bytes"]) / mb
         formula = (r["expected_fwd_bytes"] + r["expected_bwd_bytes"]) / mb
+        a2a, ring = "{}/{}".format(*r["all_to_all_calls"]), "{}/{}".format(*r["ring_calls"])
         print(
-            f"{mode:<11}{r['layout']:>5}{r['sent_fwd_bytes'] / mb:>13.2f}"
-            f"{r['sent_bwd_bytes'] / mb:>13.2f}{formula:>12.2f}{sent / formula:>7.3f}"
-            f"{r['time_s'] * 1e3:>9.0f}{r['peak_bytes'] / mb:>9.1f}"
+            f"{mode:<11}{r['layout']:>5}{a2a:>9}{'{}/{}'.format(*base['a2a']):>6}{ring:>9}"
+            f"{'{}/{}'.format(*base['ring']):>6}{r['sent_fwd_bytes'] / mb:>12.2f}"
+            f"{r['sent_bwd_bytes'] / mb:>12.2f}{formula:>8.2f}{sent / formula:>6.3f}"
+            f"{r['host_syncs']:>6}{base['syncs']:>5}{r['time_s'] * 1e3:>7.0f}{base['time_ms']:>6}"
+            f"{r['peak_bytes'] / mb:>8.1f}{base['peak_mb']:>6.1f}"
         )
     if scaling:
         print(f"\nper-rank peak memory, 2D attention, S={args.long_seq}, heads={args.long_heads}")
-        print(f"{'N':>3}{'UxR':>6}{'peak MB':>10}{'x N':>9}")
+        print(f"{'N':>3}{'UxR':>6}{'peak MB':>10}{'/ N=1':>7}{'main MB':>9}{'/ N=1':>7}")
         for n, r in scaling.items():
             peak = r["peak_bytes"] / mb
-            print(f"{n:>3}{r['layout']:>6}{peak:>10.1f}{peak * n:>9.1f}")
+            base = main["memory_mb"][n]
+            print(
+                f"{n:>3}{r['layout']:>6}{peak:>10.1f}{r['ratio']:>7.3f}{base:>9.1f}"
+                f"{base / main['memory_mb'][1]:>7.3f}"
+            )
+    print("\npadding of one pack of 64 samples (200-8000 tokens): old = every sample to 2N,")
+    print("new = every sample to 2R, the pack to N (and 2R)")
+    print(f"{'UxR':>6}{'tokens':>9}{'old':>9}{'new':>9}{'old %':>7}{'new %':>7}")
+    for r in padding:
+        old, new = (r[k] / r["tokens"] - 1 for k in ("padded_old", "padded_new"))
+        print(
+            f"{r['layout']:>6}{r['tokens']:>9}{r['padded_old']:>9}{r['padded_new']:>9}"
+            f"{100 * old:>7.2f}{100 * new:>7.2f}"
+        )
+    results = {
+        "args": vars(args),
+        "layouts": layouts,
+        "memory_vs_n": scaling,
+        "padding": padding,
+        "main_baseline": main,
+        "host_syncs_per_layer": max(r["host_syncs"] for r in layouts.values()),
+        "ulysses_all_to_all_calls_per_layer_fwd": layouts["2d"]["all_to_all_calls"][0],
+        "memory_ratio_n4": scaling[4]["ratio"] if scaling else None,
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"args": vars(args), "layouts": layouts, "memory_vs_n": scaling}, indent=2)
-    )
+    RESULTS.write_text(json.dumps(results, indent=2))
     print(f"\nwritten {RESULTS}")
+    if args.json:
+        print(json.dumps(results))
 
 
 def main():
@@ -306,6 +386,7 @@ def main():
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per layout")
     parser.add_argument("--long-seq", type=int, default=32768, help="0 skips the memory scaling")
     parser.add_argument("--long-heads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON last")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -70,3 +70,27 @@ def test_causal_needs_equal_lengths():
     q = torch.randn(4, 2, 8)
     with pytest.raises(ValueError, match="causal"):
         local_attention(q, q[:3], q[:3], [0, 4], [0, 3], True)
+
+
+def test_runtime_imports_nothing_from_parallel():
+    """runtime/ names the kernel for a device and parallel/ maps the name to it: parallel/ imports
+    runtime/, never the other way round (no import cycle, not even inside a function)."""
+    import ast
+    from pathlib import Path
+
+    import longvila_mcore
+
+    runtime = Path(longvila_mcore.__file__).parent / "runtime"
+    imports = {}
+    for path in sorted(runtime.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imports.setdefault(path.name, []).append(node.module or "")
+            elif isinstance(node, ast.Import):
+                imports.setdefault(path.name, []).extend(a.name for a in node.names)
+    assert "device.py" in imports
+    cycles = {
+        name: [m for m in modules if m.startswith("longvila_mcore.parallel")]
+        for name, modules in imports.items()
+    }
+    assert not any(cycles.values()), cycles

@@ -66,42 +66,90 @@ def attention_cases(heads, samples, single) -> dict[str, float]:
 
 
 def adjoint_gaps() -> dict[str, float]:
-    """|<A x, g> - <x, A^T g>| summed over ranks, relative, for each autograd collective."""
+    """|<A x, g> - <x, A^T g>| summed over ranks, relative, for each collective and its backward:
+    asymmetric shapes (parts of different head counts, different row counts per rank), on Ulysses
+    groups of 2 and 4 and on rings of 2 and 4."""
     import torch.distributed as dist
 
     from longvila_mcore.parallel import collectives, groups
 
-    world = groups.new_groups(2, 2)
+    u2r2, u4, r4 = groups.new_groups(2, 2), groups.new_groups(4, 1), groups.new_groups(1, 4)
     rank = dist.get_rank()
     gen = torch.Generator().manual_seed(10 + rank)
-    sends = [(rank + j) % 3 for j in range(4)]
-    recvs = [(j + rank) % 3 for j in range(4)]  # what rank j sends to this rank
-    ops = {
-        "all_to_all heads->seq": (
-            lambda x: collectives.all_to_all(x, 2, 0, world.ulysses),
-            (3, 2, 4, 5),
+    sends = [(rank + j) % 3 + j for j in range(4)]
+    recvs = [(j + rank) % 3 + rank for j in range(4)]  # what rank j sends to this rank
+
+    def fused(group, widths):
+        """heads_to_sequence of parts with `widths` heads per rank, and its adjoint."""
+        u = group.size()
+        shapes = [(3, 2, u * w, 5) for w in widths]
+        forward = lambda xs: [collectives.heads_to_sequence(xs, group)]  # noqa: E731
+        adjoint = lambda gs: collectives.sequence_to_heads(gs[0], widths, group)  # noqa: E731
+        return shapes, forward, adjoint
+
+    def autograd(op, shape):
+        """An autograd-aware collective: the adjoint is its backward."""
+
+        def adjoint(gs):
+            x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+            op(x).backward(gs[0])
+            return [x.grad]
+
+        return [shape], lambda xs: [op(xs[0])], adjoint
+
+    cases = {
+        "ulysses u2 q,k,v": fused(u2r2.ulysses, (2, 1, 1)),
+        "ulysses u4 q,k,v": fused(u4.ulysses, (3, 1, 2)),
+        "ulysses u4 out": (
+            [(12, 2, 2, 5)],
+            lambda xs: collectives.sequence_to_heads(xs[0], (2,), u4.ulysses),
+            lambda gs: [collectives.heads_to_sequence(gs, u4.ulysses)],
         ),
-        "all_to_all seq->heads": (
-            lambda x: collectives.all_to_all(x, 0, 2, world.ulysses),
-            (4, 2, 4, 5),
+        "all_to_all_variable": autograd(
+            lambda x: collectives.all_to_all_variable(x, sends, recvs, u2r2.sp), (sum(sends), 3)
         ),
-        "all_to_all_variable": (
-            lambda x: collectives.all_to_all_variable(x, sends, recvs, world.sp),
-            (sum(sends), 3),
-        ),
-        "all_gather": (lambda x: collectives.all_gather(x, world.sp), (3, 2)),
-        "ring_shift": (lambda x: collectives.ring_shift(x, world.ring), (3, 2)),
+        "all_gather": autograd(lambda x: collectives.all_gather(x, u2r2.sp), (3, 2)),
+        "ring_shift r2": autograd(lambda x: collectives.ring_shift(x, u2r2.ring), (3, 2)),
+        "ring_shift r4": autograd(lambda x: collectives.ring_shift(x, r4.ring), (3, 2)),
     }
     gaps = {}
-    for name, (op, shape) in ops.items():
-        x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
-        y = op(x)
-        g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-        y.backward(g)
-        sums = torch.tensor([(y.detach() * g).sum(), (x.detach() * x.grad).sum()])
+    for name, (shapes, forward, adjoint) in cases.items():
+        xs = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in shapes]
+        ys = forward(xs)
+        gs = [torch.randn(y.shape, generator=gen, dtype=torch.float64) for y in ys]
+        xts = adjoint(gs)
+        sums = torch.stack(
+            [
+                sum((y * g).sum() for y, g in zip(ys, gs)),
+                sum((x * xt).sum() for x, xt in zip(xs, xts)),
+            ]
+        ).detach()
         dist.all_reduce(sums)
         gaps[name] = (abs(sums[0] - sums[1]) / abs(sums[0])).item()
     return gaps
+
+
+def host_syncs() -> dict[str, list[str]]:
+    """The host syncs of one 2D attention layer's forward and of its backward, after a first
+    call with the same boundaries (which builds the cached layout), for packed samples (index
+    rows) and for one sample (slices)."""
+    from longvila_mcore.parallel import init_sequence_parallel
+    from longvila_mcore.runtime.device import count_host_syncs
+
+    sp = init_sequence_parallel(2, 2)
+    syncs = {}
+    for name, bounds, batch in (("packed", (0, 4, 24, 32, 36, 52), 1), ("single", (0, 32), 2)):
+        gen = torch.Generator().manual_seed(5)
+        s = bounds[-1] // 4
+        q, k, v, dout = (torch.randn(s, batch, h, 8, generator=gen) for h in (4, 2, 2, 4))
+        for _ in range(2):  # the second call finds the layout cached
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            with count_host_syncs() as forward:
+                out = sp.attention(*leaves, cu_seqlens=bounds)
+            with count_host_syncs() as backward:
+                out.backward(dout)
+        syncs[f"{name} forward"], syncs[f"{name} backward"] = forward, backward
+    return syncs
 
 
 def validation_errors() -> dict[str, str]:
@@ -112,9 +160,9 @@ def validation_errors() -> dict[str, str]:
     x = torch.zeros(4, 1, 4, 8)
     misuses = {
         "world": lambda: init_sequence_parallel(3, 1),
-        "sample": lambda: sp.attention(x, x, x, cu_seqlens=torch.tensor([0, 12, 16])),
+        "sample": lambda: sp.attention(x, x, x, cu_seqlens=torch.tensor([0, 6, 16])),
         "heads": lambda: sp.attention(x[:, :, :3], x[:, :, :1], x[:, :, :1]),
-        "shard": lambda: sp.shard(torch.zeros(20)),
+        "shard": lambda: sp.shard(torch.zeros(18)),
     }
     messages = {}
     for name, misuse in misuses.items():
@@ -183,9 +231,14 @@ def megatron_errors() -> dict[str, float]:
 
 def _world4():
     heads = {layout: [(4, 2), (4, 1)] for layout in ((1, 4), (4, 1), (2, 2))}
+    # Samples of 2R, not 2N, tokens: 4 + 20 + 8 + 4 + 16 = 52 = 13 x N on 2 x 2; 12 on 1 x 4 / 4 x 1
+    asymmetric = {(2, 2): [(4, 2)], (4, 1): [(4, 1)]}
     return {
         "attention": attention_cases(heads, (0, 16, 24, 48), (0, 32)),
+        "asymmetric": attention_cases(asymmetric, (0, 4, 24, 32, 36, 52), (0, 12))
+        | attention_cases({(1, 4): [(4, 2)]}, (0, 8, 32, 40, 48), (0, 24)),
         "adjoint": adjoint_gaps(),
+        "syncs": host_syncs(),
         "validation": validation_errors(),
         "megatron": megatron_errors(),
     }
@@ -193,7 +246,12 @@ def _world4():
 
 def _world6():
     heads = {(2, 3): [(4, 2), (4, 1)], (3, 2): [(6, 2)]}
-    return {"attention": attention_cases(heads, (0, 24, 36, 72), (0, 48))}
+    return {
+        "attention": attention_cases(heads, (0, 24, 36, 72), (0, 48)),
+        # 2R per sample, N for the pack: 6 + 18 + 18 on 2 x 3; 4 + 12 + 8 + 12 on 3 x 2
+        "asymmetric": attention_cases({(2, 3): [(4, 2)]}, (0, 6, 24, 42), (0, 18))
+        | attention_cases({(3, 2): [(6, 2)]}, (0, 4, 16, 24, 36), (0, 12)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +267,25 @@ def test_attention_matches_float64_reference_on_4_ranks(world4):
 
 
 @pytest.mark.slow
-def test_attention_matches_float64_reference_on_6_ranks():
-    errors = run_ranks(6, _world6)["attention"]
+def test_samples_padded_to_2r_match_float64_reference_on_4_ranks(world4):
+    errors = world4["asymmetric"]
     assert len(errors) == 6
     assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.slow
+def test_attention_matches_float64_reference_on_6_ranks():
+    results = run_ranks(6, _world6)
+    assert len(results["attention"]) == 6 and len(results["asymmetric"]) == 4
+    for errors in results.values():
+        assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.slow
+def test_no_host_syncs_in_an_attention_layer(world4):
+    syncs = world4["syncs"]
+    assert len(syncs) == 4
+    assert all(calls == [] for calls in syncs.values()), syncs
 
 
 @pytest.mark.slow
@@ -225,10 +298,10 @@ def test_collectives_backward_is_adjoint(world4):
 def test_validation_errors_name_the_fix(world4):
     messages = world4["validation"]
     assert "does not divide the world size 4" in messages["world"]
-    assert "sample 0 has length 12" in messages["sample"]
-    assert "multiple of 2 x ulysses x ring = 8" in messages["sample"]
+    assert "sample 0 has length 6" in messages["sample"]
+    assert "multiple of 2 x ring = 4" in messages["sample"]
     assert "not divisible by ulysses=2" in messages["heads"]
-    assert "multiple of 2 x ulysses x ring = 8" in messages["shard"]
+    assert "multiple of 2 x ring = 4" in messages["shard"]
 
 
 @pytest.mark.slow
@@ -238,10 +311,10 @@ def test_megatron_core_attention_and_decoder_match_one_rank(world4):
 
 
 def test_shard_order_is_ring_zigzag_then_contiguous():
-    from longvila_mcore.parallel.attention_2d import _zigzag_order
+    from longvila_mcore.parallel.attention_2d import zigzag_order
 
     bounds, ring = (0, 16, 24, 48), 2
-    order = _zigzag_order(bounds, ring)
+    order = zigzag_order(bounds, ring)
     assert sorted(order.tolist()) == list(range(48))
     # Ring rank r's sequence: chunks r and 2R-1-r (of 2R) of every sample, sample after sample.
     ring0, ring1 = order[:24].tolist(), order[24:].tolist()
@@ -270,10 +343,14 @@ def test_layout_errors_before_any_group_exists():
         check_layout(2, 2, 6)
     with pytest.raises(ValueError, match="not divisible by ulysses=4"):
         check_heads(6, 4)
-    with pytest.raises(ValueError, match=r"sample 1 has length 12.*multiple of .* = 8"):
-        sample_boundaries([0, 16, 28, 36], 36, 4)
+    with pytest.raises(ValueError, match=r"sample 1 has length 14.*multiple of 2 x ring = 4"):
+        sample_boundaries([0, 16, 30, 36], 36, 2, 2)
+    with pytest.raises(ValueError, match="pack has 36 tokens.*multiple of 8"):
+        sample_boundaries([0, 16, 28, 36], 36, 4, 2)
     with pytest.raises(ValueError, match="must run from 0 to the sequence length 40"):
-        sample_boundaries([0, 16, 32], 40, 4)
+        sample_boundaries([0, 16, 32], 40, 2, 2)
+    # 2R per sample and N for the pack are enough: 12 = 3 x 2R, 36 = 9 x N (not 2N per sample)
+    assert sample_boundaries([0, 12, 36], 36, 2, 2) == (0, 12, 36)
 
 
 def test_one_rank_is_plain_causal_attention(single_rank):

@@ -11,10 +11,23 @@ Equivalently: reorder the sequence as [ring rank 0's sequence, ring rank 1's, ..
 all-to-all concatenates the U pieces of a ring rank in Ulysses-rank order, so its output is exactly
 that ring rank's zigzag sequence: nothing is reordered after communication.
 
-Attention. q/k/v shards `[S/N, b, h, d]` -> all-to-all in the Ulysses group (scatter heads,
-gather sequence) -> `[S/R, b, h/U, d]` -> zigzag ring attention over the ring group -> all-to-all
-back (scatter sequence, gather heads) -> `[S/N, b, hq, d]`. K/V heads are replicated first when
-U does not divide their number, so each Ulysses rank receives the K/V heads its query heads use.
+Padding. With more than one ring rank every packed sample is a multiple of 2R long (two chunks per
+ring rank); the pack is a multiple of N (equal shards). Nothing depends on per-sample multiples of
+2N: a piece of the Ulysses cut may span chunks and samples.
+
+Attention, one autograd function. q/k/v shards `[S/N, b, h, d]` -> ONE all-to-all in the Ulysses
+group moves q, k and v together (scatter heads, gather sequence) -> `[S/R, b, h/U, d]` views of one
+buffer -> zigzag ring attention over the ring group -> ONE all-to-all back (scatter sequence,
+gather heads) -> `[S/N, b, hq, d]`. The backward mirrors it: one all-to-all for dout, the ring
+writes dq/dk/dv into one buffer laid out as that all-to-all sends it, one all-to-all back. K/V
+heads are replicated first when U does not divide their number, so each Ulysses rank receives the
+K/V heads its query heads use.
+
+No host syncs. The shard pieces, the validated boundaries and the ring layout (boundaries as device
+tensors, front / back rows) are built once per set of sample boundaries and cached; a layer's
+forward and backward then read no value back from the device and build no tensor from host data
+(tests/test_sp_attention.py counts them). Pass the boundaries as a tuple of ints, as
+`CoreAttention` does: a device tensor must be read back (`tolist`) on every call.
 """
 
 from __future__ import annotations
@@ -25,9 +38,17 @@ from collections.abc import Sequence
 
 import torch
 
-from longvila_mcore.parallel.collectives import all_gather, all_to_all
+from longvila_mcore.parallel.collectives import all_gather, heads_to_sequence, sequence_to_heads
 from longvila_mcore.parallel.groups import SequenceParallelGroups, sequence_parallel_groups
-from longvila_mcore.parallel.ring import zigzag_ring_attention
+from longvila_mcore.parallel.ring import (
+    RingLayout,
+    check_local_lengths,
+    fold_batch,
+    ring_backward,
+    ring_forward,
+    ring_layout,
+    unfold_batch,
+)
 
 CuSeqlens = torch.Tensor | Sequence[int] | None
 
@@ -41,15 +62,24 @@ def check_heads(num_heads: int, ulysses: int) -> None:
         )
 
 
-def sample_boundaries(cu_seqlens: CuSeqlens, total: int, sp_size: int) -> tuple[int, ...]:
+def sample_boundaries(
+    cu_seqlens: CuSeqlens, total: int, ulysses: int, ring: int
+) -> tuple[int, ...]:
     """Validated global sample boundaries (`None`: one sample of `total` tokens). With more than
-    one rank every sample is a multiple of 2N long; one rank takes any lengths."""
+    one ring rank every sample is a multiple of 2R long; the pack is a multiple of N = U x R."""
     if cu_seqlens is None:
         bounds = (0, total)
     elif isinstance(cu_seqlens, torch.Tensor):
         bounds = tuple(cu_seqlens.tolist())
     else:
         bounds = tuple(int(b) for b in cu_seqlens)
+    return _check_boundaries(bounds, total, ulysses, ring)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_boundaries(
+    bounds: tuple[int, ...], total: int, ulysses: int, ring: int
+) -> tuple[int, ...]:
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(
             f"cu_seqlens {list(bounds)} must run from 0 to the sequence length {total}"
@@ -57,37 +87,114 @@ def sample_boundaries(cu_seqlens: CuSeqlens, total: int, sp_size: int) -> tuple[
     if any(end <= start for start, end in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seqlens {list(bounds)} must increase (no empty samples)")
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if sp_size > 1 and (end - start) % (2 * sp_size):
+        if ring > 1 and (end - start) % (2 * ring):
             raise ValueError(
-                f"packed sample {i} has length {end - start}; with sequence parallel size "
-                f"{sp_size} every sample must be a multiple of 2 x ulysses x ring = "
-                f"{2 * sp_size}: pad each sample to that multiple when packing"
+                f"packed sample {i} has length {end - start}; with ring={ring} every sample "
+                f"must be a multiple of 2 x ring = {2 * ring}: pad each sample to that multiple "
+                "when packing"
             )
+    if total % (ulysses * ring):
+        raise ValueError(
+            f"the pack has {total} tokens; with sequence parallel size ulysses x ring = "
+            f"{ulysses} x {ring} it must be a multiple of {ulysses * ring}: pad the pack to that "
+            "multiple"
+        )
     return bounds
 
 
 @functools.lru_cache(maxsize=64)
-def _zigzag_order(bounds: tuple[int, ...], ring: int) -> torch.Tensor:
-    if ring == 1:  # no zigzag without a ring (and a single rank may have odd lengths)
-        return torch.arange(bounds[-1])
-    per_ring_rank = [[] for _ in range(ring)]
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        chunk = (end - start) // (2 * ring)
-        for r, pieces in enumerate(per_ring_rank):
-            pieces.append(torch.arange(start + r * chunk, start + (r + 1) * chunk))
-            pieces.append(torch.arange(end - (r + 1) * chunk, end - r * chunk))
-    return torch.cat([p for pieces in per_ring_rank for p in pieces])
+def zigzag_pieces(bounds: tuple[int, ...], ring: int) -> tuple[tuple[int, int], ...]:
+    """(global start, length) of the runs of positions in shard order: ring rank 0's sequence
+    (sample after sample, chunk r then chunk 2R-1-r), then ring rank 1's, ... Adjacent runs are
+    merged. O(samples x R) integers: the S-long order is never built to shard."""
+    if ring == 1:  # no zigzag without a ring (and a single ring rank takes odd lengths)
+        return ((0, bounds[-1]),)
+    pieces: list[list[int]] = []
+    for r in range(ring):
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            chunk = (end - start) // (2 * ring)
+            for first in (start + r * chunk, end - (r + 1) * chunk):
+                if pieces and sum(pieces[-1]) == first:
+                    pieces[-1][1] += chunk
+                else:
+                    pieces.append([first, chunk])
+    return tuple((a, n) for a, n in pieces)
+
+
+def _window(pieces: Sequence[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The runs of global positions at shard-order positions [lo, hi)."""
+    runs, offset = [], 0
+    for start, length in pieces:
+        a, b = max(lo, offset), min(hi, offset + length)
+        if a < b:
+            runs.append((start + a - offset, b - a))
+        offset += length
+    return runs
+
+
+def zigzag_order(bounds: tuple[int, ...], ring: int) -> torch.Tensor:
+    """Global positions in shard order (S entries, built on request, never cached)."""
+    return torch.cat([torch.arange(a, a + n) for a, n in zigzag_pieces(bounds, ring)])
 
 
 def replicate_kv_heads(x: torch.Tensor, ulysses: int) -> torch.Tensor:
     """[s, b, hkv, d] -> [s, b, lcm(hkv, U), d], each head repeated in place, so that splitting
     heads over U ranks gives every rank the K/V heads of its query heads (hq is a multiple of
-    both hkv and U). Autograd sums the copies' gradients back."""
+    both hkv and U)."""
     s, b, h, d = x.shape
     copies = ulysses // math.gcd(h, ulysses)
     if copies == 1:
         return x
     return x.unsqueeze(3).expand(s, b, h, copies, d).reshape(s, b, h * copies, d)
+
+
+class _Attention2D(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout: RingLayout, groups: SequenceParallelGroups, scale: float):
+        ulysses, u = groups.ulysses, groups.ulysses.size()
+        batch, kv_heads = q.shape[1], k.shape[2]
+        k, v = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
+        widths = (q.shape[2] // u, k.shape[2] // u, k.shape[2] // u)
+        if u > 1:
+            q, k, v = heads_to_sequence([q, k, v], ulysses).split(widths, dim=2)
+        q, k, v = fold_batch(q), fold_batch(k), fold_batch(v)
+        out, lse = ring_forward(q, k, v, layout, groups.ring, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (layout, groups, scale, batch, widths, kv_heads)
+        out = unfold_batch(out, batch)
+        return sequence_to_heads(out, widths[:1], ulysses)[0] if u > 1 else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout, groups, scale, batch, widths, kv_heads = ctx.args
+        ulysses, u = groups.ulysses, groups.ulysses.size()
+        if u > 1:
+            dout = heads_to_sequence([dout], ulysses)
+        dout = fold_batch(dout).contiguous()
+        acc = lse.dtype
+        if u == 1:
+            grads = [torch.empty(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+            ring_backward(dout, q, k, v, out, lse, layout, groups.ring, scale, grads)
+            return (*(unfold_batch(g.to(q.dtype), batch) for g in grads), None, None, None)
+        # dq/dk/dv in one buffer laid out as the all-to-all back sends it: no packing copy.
+        t, d = q.shape[0] // batch, q.shape[2]
+        buffer = q.new_empty((t, batch, sum(widths), d), dtype=acc)
+        views = buffer.split(widths, dim=2)
+        grads = [
+            fold_batch(x) if batch == 1 else x.new_empty((t * batch, *x.shape[2:])) for x in views
+        ]
+        ring_backward(dout, q, k, v, out, lse, layout, groups.ring, scale, grads)
+        del dout
+        if batch > 1:
+            for view, grad in zip(views, grads):
+                view.copy_(unfold_batch(grad, batch))
+        del views, grads
+        dq, dk, dv = sequence_to_heads(buffer.to(q.dtype), widths, ulysses)
+        if dk.shape[2] != kv_heads:  # the replicas' gradients add up
+            dk, dv = (x.unflatten(2, (kv_heads, -1)).sum(3) for x in (dk, dv))
+        return dq, dk, dv, None, None, None
 
 
 class SequenceParallel:
@@ -98,27 +205,36 @@ class SequenceParallel:
         self.size, self.rank = groups.size, groups.rank
         self.ulysses, self.ring = groups.ulysses.size(), groups.ring.size()
 
+    def boundaries(self, total: int, cu_seqlens: CuSeqlens = None) -> tuple[int, ...]:
+        """The validated global sample boundaries of a pack of `total` tokens."""
+        return sample_boundaries(cu_seqlens, total, self.ulysses, self.ring)
+
     def order(self, total: int, cu_seqlens: CuSeqlens = None) -> torch.Tensor:
         """Global positions in shard order: SP rank i holds `order[i * S/N : (i + 1) * S/N]`."""
-        return _zigzag_order(sample_boundaries(cu_seqlens, total, self.size), self.ring)
+        return zigzag_order(self.boundaries(total, cu_seqlens), self.ring)
 
     def shard(self, x: torch.Tensor, dim: int = 0, cu_seqlens: CuSeqlens = None) -> torch.Tensor:
         """This rank's tokens of the full tensor `x` (sequence along `dim`), in shard order."""
         total = x.shape[dim]
+        pieces = zigzag_pieces(self.boundaries(total, cu_seqlens), self.ring)
         local = total // self.size
-        mine = self.order(total, cu_seqlens)[self.rank * local : (self.rank + 1) * local]
-        return x.index_select(dim, mine.to(x.device))
+        runs = _window(pieces, self.rank * local, (self.rank + 1) * local)
+        return torch.cat([x.narrow(dim, a, n) for a, n in runs], dim)
 
     def gather(
         self, x_local: torch.Tensor, dim: int = 0, cu_seqlens: CuSeqlens = None
     ) -> torch.Tensor:
         """The full tensor from every rank's shard (inverse of `shard`). Autograd-aware: a
         shard's gradient is the sum over ranks of the gradients of its rows."""
-        order = self.order(x_local.shape[dim] * self.size, cu_seqlens)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
+        total = x_local.shape[dim] * self.size
+        pieces = zigzag_pieces(self.boundaries(total, cu_seqlens), self.ring)
         gathered = all_gather(x_local.movedim(dim, 0), self.groups.sp)
-        return gathered.index_select(0, inverse.to(x_local.device)).movedim(0, dim)
+        offsets, offset = [], 0
+        for start, length in pieces:
+            offsets.append((start, offset, length))
+            offset += length
+        runs = [gathered.narrow(0, o, n) for _, o, n in sorted(offsets)]
+        return torch.cat(runs).movedim(0, dim)
 
     def attention(
         self,
@@ -137,17 +253,17 @@ class SequenceParallel:
                 "q's [s, b, :, d] and have a number of heads dividing q's"
             )
         check_heads(hq, self.ulysses)
-        bounds = sample_boundaries(cu_seqlens, s * self.size, self.size)
+        bounds = self.boundaries(s * self.size, cu_seqlens)
         scale = d**-0.5 if softmax_scale is None else softmax_scale
-        heads_to_seq = functools.partial(
-            all_to_all, scatter_dim=2, gather_dim=0, group=self.groups.ulysses
-        )
-        q = heads_to_seq(q)
-        k = heads_to_seq(replicate_kv_heads(k, self.ulysses))
-        v = heads_to_seq(replicate_kv_heads(v, self.ulysses))
-        local_lengths = [(end - start) // self.ring for start, end in zip(bounds[:-1], bounds[1:])]
-        out = zigzag_ring_attention(q, k, v, local_lengths, self.groups.ring, scale)
-        return all_to_all(out, scatter_dim=0, gather_dim=2, group=self.groups.ulysses)
+        local_lengths = _local_lengths(bounds, self.ring)
+        check_local_lengths(local_lengths, s * self.ulysses, self.ring)
+        layout = ring_layout(local_lengths, b, q.device)
+        return _Attention2D.apply(q, k, v, layout, self.groups, scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_lengths(bounds: tuple[int, ...], ring: int) -> tuple[int, ...]:
+    return tuple((end - start) // ring for start, end in zip(bounds[:-1], bounds[1:]))
 
 
 def init_sequence_parallel(ulysses: int = 1, ring: int = 1) -> SequenceParallel:

@@ -1,15 +1,16 @@
 """Collectives for sequence parallelism, autograd-aware: each backward is the forward's adjoint.
 
-- `all_to_all`: split one dim over the group, concatenate another (Ulysses: scatter heads, gather
-  sequence, and back); the adjoint is the all-to-all with the two dims swapped.
+- `heads_to_sequence` / `sequence_to_heads`: the Ulysses all-to-alls, several tensors in one
+  collective (q, k and v travel together); each is the other's adjoint. Plain functions: the 2D
+  attention's autograd function calls them in its forward and backward.
 - `all_to_all_variable`: rows of different counts to each rank (the image-first sharder); the
   adjoint sends the gradients back with the counts swapped.
 - `all_gather`: along dim 0; the adjoint is a reduce-scatter (sum over ranks of their gradients).
 - `ring_shift`: send to the next ring rank, receive from the previous; the adjoint shifts back.
   `ring_shift_start` is its non-blocking form, for code that overlaps transfers with compute.
 
-`count_communication()` records the bytes each call sends and receives, for the benchmarks;
-outside it the cost is one `None` check per call.
+`count_communication()` records the calls and the bytes each call sends and receives, for the
+benchmarks; outside it the cost is one `None` check per call.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 class CommCounter:
-    """Bytes this rank sent to and received from other ranks, per kind of collective."""
+    """Calls, and bytes this rank sent to and received from other ranks, per kind of collective."""
 
     def __init__(self):
+        self.calls: dict[str, int] = defaultdict(int)
         self.sent: dict[str, int] = defaultdict(int)
         self.received: dict[str, int] = defaultdict(int)
 
@@ -60,47 +62,51 @@ def count_communication() -> Iterator[CommCounter]:
 
 def _count(kind: str, sent: int, received: int) -> None:
     if _counter is not None:
+        _counter.calls[kind] += 1
         _counter.sent[kind] += sent
         _counter.received[kind] += received
 
 
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup):
-    n = group.size()
-    if x.shape[scatter_dim] % n:
-        raise ValueError(
-            f"dim {scatter_dim} of size {x.shape[scatter_dim]} cannot be split over {n} ranks"
-        )
-    # Piece j (for rank j) along a new dim 0, contiguous, as all_to_all_single wants it: no copy
-    # when scatter_dim is 0. The output holds the pieces received in source-rank order.
-    pieces = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
-    out = torch.empty_like(pieces)
-    dist.all_to_all_single(out, pieces, group=group)
-    piece_bytes = pieces[0].nbytes
-    _count("all_to_all", piece_bytes * (n - 1), piece_bytes * (n - 1))
-    # A view when gather_dim is 0 (the Ulysses forward lands sequence-ordered without a copy).
-    return out.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+def heads_to_sequence(parts: Sequence[torch.Tensor], group: ProcessGroup) -> torch.Tensor:
+    """Ulysses forward for several tensors in one all-to-all: parts `[s, b, h_i, d]` (every h_i a
+    multiple of U, one dtype) -> `[U * s, b, sum(h_i) / U, d]`. Rows `j * s : (j + 1) * s` come from
+    Ulysses rank j; along dim 2 come, part after part, this rank's `h_i / U` heads of each part.
+    One packing copy into the send buffer; the parts of the result are views of one buffer."""
+    u = group.size()
+    s, b, _, d = parts[0].shape
+    widths = [p.shape[2] // u for p in parts]
+    send = parts[0].new_empty((u, s, b, sum(widths), d))
+    offset = 0
+    for part, width in zip(parts, widths):
+        send[..., offset : offset + width, :] = part.unflatten(2, (u, width)).movedim(2, 0)
+        offset += width
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    piece = send[0].nbytes
+    _count("ulysses", piece * (u - 1), piece * (u - 1))
+    return recv.flatten(0, 1)
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, group):
-        ctx.args = (scatter_dim, gather_dim, group)
-        return _all_to_all(x, scatter_dim, gather_dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim, group = ctx.args
-        return _all_to_all(grad, gather_dim, scatter_dim, group), None, None, None
-
-
-def all_to_all(
-    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup
-) -> torch.Tensor:
-    """Split `scatter_dim` into one piece per rank, send piece j to rank j, and concatenate the
-    pieces received along `gather_dim` in rank order. Identity on a group of one."""
-    if group.size() == 1:
-        return x
-    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+def sequence_to_heads(
+    x: torch.Tensor, widths: Sequence[int], group: ProcessGroup
+) -> list[torch.Tensor]:
+    """The adjoint of `heads_to_sequence` (and the Ulysses output step): `x` `[U * s, b, H, d]`,
+    rows `j * s : (j + 1) * s` to Ulysses rank j; dim 2 holds blocks of `widths` heads. Returns one
+    `[s, b, U * width, d]` tensor per block, the heads from rank j at position j. `x` is sent as
+    it is when contiguous (no packing copy)."""
+    u = group.size()
+    send = x.unflatten(0, (u, -1)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    piece = send[0].nbytes
+    _count("ulysses", piece * (u - 1), piece * (u - 1))
+    s, b, _, d = recv.shape[1:]
+    parts, offset = [], 0
+    for width in widths:
+        block = recv[..., offset : offset + width, :]
+        parts.append(block.movedim(0, 2).reshape(s, b, u * width, d))
+        offset += width
+    return parts
 
 
 def _all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group: ProcessGroup):

@@ -3,7 +3,8 @@
 Layout. Every packed sample of global length L is cut into 2R chunks of c = L / 2R tokens; ring
 rank r holds chunks r and 2R-1-r of every sample. Its local sequence is, sample after sample, the
 "front" chunk r followed by the "back" chunk 2R-1-r (`local_lengths` = L / R per sample). Samples
-never attend to each other.
+never attend to each other. `ring_layout` turns the local lengths into the boundaries and the
+front / back row sets once per set of sample boundaries, on the device, for every layer and step.
 
 Forward. K/V blocks travel round the ring (rank r sends to r + 1); at step s rank r holds the block
 of source rank (r - s) mod R, and every step costs the same:
@@ -16,16 +17,18 @@ Partial results are merged by their log-sum-exp in float32 (float64 for float64 
 
 Backward. Every block's gradient uses the final `out` and `lse`. dQ stays local. K/V travel round
 the ring again, and each block's dK/dV accumulate along its path: rank r adds its contribution to
-the sum that arrives from r - 1 and passes it on to r + 1, so after R - 1 hops the sum reaches the
-block's owner, which adds its own (causal) part. K/V and dK/dV each take R - 1 hops: backward
-traffic is twice the forward's.
+the sum that arrives from r - 1 (in place, in the buffer it arrived in) and passes it on to r + 1,
+so after R - 1 hops the sum reaches the block's owner, which adds its own (causal) part. K/V and
+dK/dV each take R - 1 hops: backward traffic is twice the forward's.
 
-Each transfer is started before the compute it overlaps and waited for after it (double buffers).
-Batch rows (dim 1) are independent sequences with the same boundaries.
+K and V travel as one `[2, t, h, d]` message per step, received into a fresh buffer while the
+current block is in use (two blocks alive at a time). The tensors are "thd": batch rows are folded
+into further samples by the caller (`fold_batch`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
 
@@ -34,7 +37,12 @@ import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from longvila_mcore.parallel.collectives import ring_shift_start
-from longvila_mcore.parallel.local_attention import attention_backward, attention_forward
+from longvila_mcore.parallel.local_attention import (
+    Segments,
+    attention_backward,
+    attention_forward,
+    segments,
+)
 
 # Distinct tags keep the K/V and dK/dV streams apart on backends that match messages by tag.
 _KV_TAG, _GRAD_TAG = 0, 1
@@ -67,150 +75,179 @@ def merge_partial(
     return out, lse - F.logsigmoid(lse - block_lse)
 
 
-class _Layout:
-    """Boundaries and token indices of the front and back halves of the folded local sequence."""
+class Rows:
+    """A set of rows of a dim: a slice when they are contiguous (a view, no copy), else an index
+    on the device, built once."""
 
-    def __init__(self, local_lengths: Sequence[int], batch: int, device: torch.device):
-        lengths = list(local_lengths) * batch
-        self.cu_full = list(accumulate(lengths, initial=0))
-        self.cu_half = list(accumulate((n // 2 for n in lengths), initial=0))
-        n = torch.tensor(lengths, device=device)
-        starts = torch.tensor(self.cu_full[:-1], device=device)
-        offset = torch.arange(self.cu_full[-1], device=device) - starts.repeat_interleave(n)
-        in_front = offset < (n // 2).repeat_interleave(n)
-        self.front = in_front.nonzero().squeeze(1)
-        self.back = (~in_front).nonzero().squeeze(1)
+    def __init__(self, ranges: Sequence[tuple[int, int]], device: torch.device):
+        merged: list[list[int]] = []
+        for start, length in ranges:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1][1] += length
+            else:
+                merged.append([start, length])
+        self.span = tuple(merged[0]) if len(merged) == 1 else None
+        self.index = None
+        if self.span is None:
+            self.index = torch.cat([torch.arange(a, a + n, device=device) for a, n in merged])
+
+    def take(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if self.span is not None:
+            return x.narrow(dim, *self.span)
+        return x.index_select(dim, self.index)
+
+    def put_(self, x: torch.Tensor, dim: int, src: torch.Tensor) -> None:
+        if self.span is not None:
+            x.narrow(dim, *self.span).copy_(src)
+        else:
+            x.index_copy_(dim, self.index, src.to(x.dtype))
+
+    def add_(self, x: torch.Tensor, dim: int, src: torch.Tensor) -> None:
+        if self.span is not None:
+            x.narrow(dim, *self.span).add_(src)
+        else:
+            x.index_add_(dim, self.index, src.to(x.dtype))
 
 
-def _ring_blocks(
+class RingLayout:
+    """Boundaries of the whole local samples and of their halves, and the front / back rows."""
+
+    def __init__(self, local_lengths: tuple[int, ...], batch: int, device: torch.device):
+        lengths = local_lengths * batch
+        starts = list(accumulate(lengths, initial=0))
+        self.full: Segments = segments(tuple(starts), device)
+        self.half: Segments = segments(
+            tuple(accumulate((n // 2 for n in lengths), initial=0)), device
+        )
+        self.front = Rows([(a, n // 2) for a, n in zip(starts, lengths)], device)
+        self.back = Rows([(a + n // 2, n // 2) for a, n in zip(starts, lengths)], device)
+
+
+@functools.lru_cache(maxsize=8)
+def ring_layout(local_lengths: tuple[int, ...], batch: int, device: torch.device) -> RingLayout:
+    """The layout of one set of local sample lengths, built once for every layer and ring step
+    (the cache holds a few: the micro-batches in flight share none)."""
+    return RingLayout(local_lengths, batch, device)
+
+
+def _visiting_blocks(
     k: torch.Tensor, v: torch.Tensor, group: ProcessGroup
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(source rank, k, v) of each K/V block visiting this rank, its own first. The transfer of
-    the next block runs while the caller computes with the current one."""
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(source rank, kv `[2, t, h, d]`) of every other rank's K/V block, in ring order. The
+    first transfer starts here, before the caller computes with its own block; each next one
+    starts before the current block is handed out."""
     rank, size = group.rank(), group.size()
-    buffers = [[torch.empty_like(k), torch.empty_like(v)] for _ in range(min(size - 1, 2))]
-    block = [k, v]
-    for step in range(size):
-        last = step + 1 == size
-        if not last:
-            transfer = ring_shift_start(block, buffers[step % 2], group, tag=_KV_TAG)
-        yield (rank - step) % size, *block
-        if not last:
-            block = transfer.wait()
+    block = torch.stack([k, v])
+    transfer = ring_shift_start([block], [torch.empty_like(block)], group, tag=_KV_TAG)
+    del block  # the transfer keeps it alive until it is sent
+
+    def blocks():
+        nonlocal transfer
+        for step in range(1, size):
+            block = transfer.wait()[0]
+            if step + 1 < size:
+                transfer = ring_shift_start([block], [torch.empty_like(block)], group, tag=_KV_TAG)
+            yield (rank - step) % size, block
+
+    return blocks()
 
 
-class _ZigzagRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, local_lengths, group, scale):
-        batch = q.shape[1]
-        q, k, v = fold_batch(q), fold_batch(k), fold_batch(v)
-        layout = _Layout(local_lengths, batch, q.device)
-        rank = group.rank()
-        if rank < group.size() - 1:
-            q_back = q.index_select(0, layout.back)
-        for source, k_blk, v_blk in _ring_blocks(k, v, group):
-            if source == rank:
-                out, lse = attention_forward(q, k, v, layout.cu_full, layout.cu_full, True, scale)
-                out = out.to(lse.dtype)
-            elif source < rank:
-                front = layout.front
-                block = attention_forward(
-                    q, k_blk[front], v_blk[front], layout.cu_full, layout.cu_half, False, scale
-                )
-                out, lse = merge_partial(out, lse, *block)
-            else:
-                back = layout.back
-                block = attention_forward(
-                    q_back, k_blk, v_blk, layout.cu_half, layout.cu_full, False, scale
-                )
-                out_back, lse_back = merge_partial(out[back], lse[:, back], *block)
-                out.index_copy_(0, back, out_back)
-                lse.index_copy_(1, back, lse_back)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, group, scale, batch)
-        return unfold_batch(out, batch)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        layout, group, scale, batch = ctx.args
-        dout = fold_batch(dout).contiguous()
-        rank, acc = group.rank(), lse.dtype
-        front, back = layout.front, layout.back
-        if rank < group.size() - 1:
-            q_b, dout_b, out_b = (x.index_select(0, back) for x in (q, dout, out))
-            lse_b = lse.index_select(1, back)
-        arriving = None  # the dK/dV sums of the current block, from the previous ring rank
-        for source, k_blk, v_blk in _ring_blocks(k, v, group):
-            if source == rank:
-                grads = attention_backward(
-                    dout, q, k, v, out, lse, layout.cu_full, layout.cu_full, True, scale
-                )
-                dq, dk, dv = (g.to(acc) for g in grads)
-                continue
-            if source < rank:
-                dq_blk, dk_front, dv_front = attention_backward(
-                    dout,
-                    q,
-                    k_blk[front],
-                    v_blk[front],
-                    out,
-                    lse,
-                    layout.cu_full,
-                    layout.cu_half,
-                    False,
-                    scale,
-                )
-                dq += dq_blk
-                dk_blk = k.new_zeros(k.shape, dtype=acc).index_copy_(0, front, dk_front.to(acc))
-                dv_blk = v.new_zeros(v.shape, dtype=acc).index_copy_(0, front, dv_front.to(acc))
-            else:
-                dq_back, dk_blk, dv_blk = attention_backward(
-                    dout_b,
-                    q_b,
-                    k_blk,
-                    v_blk,
-                    out_b,
-                    lse_b,
-                    layout.cu_half,
-                    layout.cu_full,
-                    False,
-                    scale,
-                )
-                dq.index_add_(0, back, dq_back.to(acc))
-                dk_blk, dv_blk = dk_blk.to(acc), dv_blk.to(acc)
-            if arriving is not None:
-                dk_sum, dv_sum = arriving.wait()
-                dk_blk += dk_sum
-                dv_blk += dv_sum
-            buffers = [torch.empty_like(dk_blk), torch.empty_like(dv_blk)]
-            arriving = ring_shift_start([dk_blk, dv_blk], buffers, group, tag=_GRAD_TAG)
-        if arriving is not None:  # the sums for this rank's own block, from every other rank
-            dk_sum, dv_sum = arriving.wait()
-            dk += dk_sum
-            dv += dv_sum
-        grads = (unfold_batch(g.to(x.dtype), batch) for g, x in ((dq, q), (dk, k), (dv, v)))
-        return (*grads, None, None, None)
-
-
-def zigzag_ring_attention(
+def ring_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    local_lengths: Sequence[int],
+    layout: RingLayout,
     group: ProcessGroup,
     scale: float,
-) -> torch.Tensor:
-    """Causal attention of this ring rank's zigzag shard (layout above), autograd-aware.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of this ring rank's zigzag shard (thd): `(out, lse)` in the
+    accumulation dtype (float32, or float64 for float64 inputs)."""
+    rank, size = group.rank(), group.size()
+    blocks = _visiting_blocks(k, v, group) if size > 1 else iter(())
+    full, half, front, back = layout.full, layout.half, layout.front, layout.back
+    out, lse = attention_forward(q, k, v, full, full, True, scale)
+    out = out.to(lse.dtype)
+    q_back = back.take(q) if rank < size - 1 else None
+    for source, kv in blocks:
+        if source < rank:
+            kv = front.take(kv, 1)
+            block = attention_forward(q, kv[0], kv[1], full, half, False, scale)
+            out, lse = merge_partial(out, lse, *block)
+        else:
+            block = attention_forward(q_back, kv[0], kv[1], half, full, False, scale)
+            out_back, lse_back = merge_partial(back.take(out), back.take(lse, 1), *block)
+            back.put_(out, 0, out_back)
+            back.put_(lse, 1, lse_back)
+    return out, lse
 
-    q `[t, b, hq, d]`, k/v `[t, b, hkv, d]` with `t = sum(local_lengths)`; returns `[t, b, hq, d]`.
-    """
-    local_lengths = tuple(int(n) for n in local_lengths)
-    halves = group.size() > 1  # one rank never splits a sample into front and back
-    if sum(local_lengths) != q.shape[0] or any(n <= 0 or halves and n % 2 for n in local_lengths):
+
+def ring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layout: RingLayout,
+    group: ProcessGroup,
+    scale: float,
+    grads: Sequence[torch.Tensor],
+) -> None:
+    """Gradients of `ring_forward` written into `grads` (dq, dk, dv: any strides, in the
+    accumulation dtype) from the final `out` / `lse`."""
+    rank, size = group.rank(), group.size()
+    blocks = _visiting_blocks(k, v, group) if size > 1 else iter(())
+    full, half, front, back = layout.full, layout.half, layout.front, layout.back
+    dq, dk, dv = grads
+    own = attention_backward(dout, q, k, v, out, lse, full, full, True, scale)
+    for grad, own_grad in zip(grads, own):
+        grad.copy_(own_grad)
+    del own, own_grad
+    if rank < size - 1:
+        q_b, dout_b, out_b, lse_b = back.take(q), back.take(dout), back.take(out), back.take(lse, 1)
+    arriving = None  # the dK/dV sum of the current block, from the previous ring rank
+    for source, kv in blocks:
+        if source < rank:
+            kv = front.take(kv, 1)
+            dq_blk, dk_front, dv_front = attention_backward(
+                dout, q, kv[0], kv[1], out, lse, full, half, False, scale
+            )
+            dq.add_(dq_blk)
+            del dq_blk
+            if arriving is None:
+                dkv = kv.new_zeros((2, *k.shape), dtype=dq.dtype)
+            else:
+                dkv = arriving.wait()[0]
+            front.add_(dkv[0], 0, dk_front)
+            front.add_(dkv[1], 0, dv_front)
+        else:
+            dq_back, dk_blk, dv_blk = attention_backward(
+                dout_b, q_b, kv[0], kv[1], out_b, lse_b, half, full, False, scale
+            )
+            back.add_(dq, 0, dq_back)
+            del dq_back
+            if arriving is None:
+                dkv = torch.stack([dk_blk, dv_blk]).to(dq.dtype)
+            else:
+                dkv = arriving.wait()[0]
+                dkv[0].add_(dk_blk)
+                dkv[1].add_(dv_blk)
+        del kv
+        arriving = ring_shift_start([dkv], [torch.empty_like(dkv)], group, tag=_GRAD_TAG)
+        del dkv
+    if arriving is not None:  # the sum for this rank's own block, from every other rank
+        dkv = arriving.wait()[0]
+        dk.add_(dkv[0])
+        dv.add_(dkv[1])
+
+
+def check_local_lengths(local_lengths: Sequence[int], tokens: int, ring: int) -> tuple[int, ...]:
+    """Validated local sample lengths: positive, even on more than one ring rank (front and back
+    halves), summing to the local tokens."""
+    lengths = tuple(int(n) for n in local_lengths)
+    if sum(lengths) != tokens or any(n <= 0 or ring > 1 and n % 2 for n in lengths):
         raise ValueError(
-            f"local sample lengths {list(local_lengths)} must be positive, even on more than one "
-            f"ring rank, and sum to the {q.shape[0]} local tokens"
+            f"local sample lengths {list(lengths)} must be positive, even on more than one "
+            f"ring rank, and sum to the {tokens} local tokens"
         )
-    return _ZigzagRingAttention.apply(q, k, v, local_lengths, group, scale)
+    return lengths

@@ -1,7 +1,7 @@
 """Where the code runs: device choice, process groups, CPU support for Megatron-Core."""
 
 from longvila_mcore.runtime.device import (
-    attention_kernel,
+    attention_backend,
     default_device,
     default_dtype,
     spec_backend,
@@ -9,7 +9,7 @@ from longvila_mcore.runtime.device import (
 from longvila_mcore.runtime.distributed import init_distributed, init_model_parallel
 
 __all__ = [
-    "attention_kernel",
+    "attention_backend",
     "default_device",
     "default_dtype",
     "init_distributed",

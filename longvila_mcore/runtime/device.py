@@ -6,8 +6,11 @@ import ctypes
 import functools
 import importlib.metadata
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def default_device() -> torch.device:
@@ -54,7 +57,7 @@ return values from 8 to 4; 2.8 kept both. The `gpu` extra of pyproject.toml pins
 @functools.cache
 def check_flash_attn() -> str:
     """The installed flash-attn version; one clear RuntimeError if it is missing or outside
-    FLASH_ATTN_SUPPORTED. Called at start-up on GPU (init_distributed) and by attention_kernel."""
+    FLASH_ATTN_SUPPORTED. Called at start-up on GPU (init_distributed) and by attention_backend."""
     from packaging.specifiers import SpecifierSet
 
     fix = (
@@ -95,14 +98,14 @@ def check_gpu_stack() -> dict[str, str]:
     return versions | {"transformer-engine": te}
 
 
-def attention_kernel(device: torch.device) -> type:
-    """The local attention kernel for `device` (see parallel/local_attention.py)."""
-    from longvila_mcore.parallel import local_attention
-
+def attention_backend(device: torch.device) -> str:
+    """Which local attention kernel runs on `device`: "flash_attn" on GPU (after checking the
+    installed release), "torch" elsewhere. `parallel/local_attention.py` maps the name to its
+    kernel; returning a name keeps runtime/ free of imports from parallel/ (no import cycle)."""
     if device.type != "cuda":
-        return local_attention.TorchKernel
+        return "torch"
     check_flash_attn()
-    return local_attention.FlashAttnKernel
+    return "flash_attn"
 
 
 def spec_backend(device: torch.device):
@@ -119,3 +122,54 @@ def spec_backend(device: torch.device):
     from megatron.core.models.backends import LocalSpecProvider
 
     return LocalSpecProvider()
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the operators that make the host wait for the device, or build a tensor from
+    host data, while active (see `count_host_syncs`)."""
+
+    # Always a sync: a value read back, or data-dependent output sizes.
+    _ALWAYS = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "lift_fresh_copy"}
+    _ALWAYS |= {"unique_dim", "_unique", "_unique2", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        )
+        implicit_size = name == "repeat_interleave" and kwargs.get("output_size") is None
+        if (
+            name in self._ALWAYS
+            or bool_index
+            or implicit_size
+            and isinstance(args[0], torch.Tensor)
+        ):
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def count_host_syncs() -> Iterator[list[str]]:
+    """The names of the host syncs in the block, in order: `.item()` and other scalar reads,
+    `.tolist()`, `nonzero`, boolean-mask indexing, `repeat_interleave` without `output_size`,
+    tensors built from host data (`torch.tensor`). On CPU nothing waits, so this counts what would
+    wait on a GPU; on a GPU, `torch.cuda.set_sync_debug_mode("error")` makes the real syncs raise.
+    Tests and benchmarks only: it dispatches every operator through Python."""
+    mode = _HostSyncs()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self, *args, **kwargs):
+        mode.calls.append("tolist")
+        return tolist(self, *args, **kwargs)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with mode:
+            yield mode.calls
+    finally:
+        torch.Tensor.tolist = tolist
