@@ -158,6 +158,8 @@ def test_stage1_trains_only_the_projector_and_stage4_only_the_llm(tmp_path, sing
     run_train(start, "+stage=3_sft", "train.max_steps=1")
     ckpt = start / "checkpoints" / "step_0000001"
     before = _model_tensors(ckpt)
+    # Stage 3 samples videos to 8 frames; text-only stage 4 keeps what the start was trained on.
+    assert json.loads((ckpt / "longvila.json").read_text())["trained_frames"] == 8
     for stage, learns in (("1_align", {"mm_projector"}), ("4_extend_llm_64k", {"llm"})):
         out = tmp_path / stage
         run_train(out, f"+stage={stage}", "train.max_steps=2", f"checkpoint.load={ckpt}")
@@ -168,6 +170,7 @@ def test_stage1_trains_only_the_projector_and_stage4_only_the_llm(tmp_path, sing
         (tmp_path / "4_extend_llm_64k/checkpoints/step_0000002/longvila.json").read_text()
     )
     assert meta["model"]["llm"]["rope_theta"] == 15_300_000  # stage 4 raised RoPE theta
+    assert meta["trained_frames"] == 8
 
 
 # --- layouts give the same losses -----------------------------------------------------------

@@ -29,7 +29,7 @@ def main() -> None:
         "--out",
         type=Path,
         help="target directory (default: the cache's, "
-        "$LONGVILA_CACHE or ~/.cache/longvila_mcore, then synthetic/v1)",
+        "$LONGVILA_CACHE or ~/.cache/longvila_mcore, then synthetic/v2)",
     )
     parser.add_argument(
         "--frames", type=int, default=DEFAULT_FRAMES, help="frames of a needle video"
