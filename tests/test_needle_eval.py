@@ -70,6 +70,9 @@ def test_scoring_is_greedy_decoding_teacher_forced(checkpoint):
     haystack = hs.load_haystack("synthetic", 7, vision, fps=1.0, seed=3, resize="rgb")
     needles = hs.generated_needles(vision)[:2]
     cache = FrameCache(model, haystack, torch.cat([n.image for n in needles]))
+    # Needle 1 goes before frame round(depth x 7): first, after frame 3 (of 0..6), last.
+    assert [cache.frame_ids(d, 1).tolist().index(8) for d in (0.0, 0.5, 1.0)] == [0, 4, 7]
+    assert cache.frame_ids(0.5, 1).tolist() == [0, 1, 2, 3, 8, 4, 5, 6]
     vocab = len(tokenizer) - 6
     outcomes = []
     for depth in (0.0, 0.5, 1.0):
@@ -130,7 +133,7 @@ def test_generated_needles_ask_every_colour_and_shape():
     assert {n.answer for n in needles[0::2]} == set(COLOURS)
     assert {n.answer for n in needles[1::2]} == set(SHAPES)
     red_square = needles[0]  # colour 0, shape 0
-    assert red_square.name == "red_square" and red_square.image.shape == (1, 3, 56, 56)
+    assert red_square.name == "colour-red-square" and red_square.image.shape == (1, 3, 56, 56)
     pixel = red_square.image[0, :, 28, 28]  # the centre is the shape's colour
     expected = normalize(np.array([[[COLOURS["red"]]]], np.uint8), vision)[0, :, 0, 0]
     assert torch.allclose(pixel, expected)
@@ -193,6 +196,7 @@ def test_sequence_parallel_equals_one_process_and_results_contract(checkpoint, t
     assert len({round(c["logprob"], 6) for c in single["cells"]}) == 6  # the frames matter
 
     written = json.loads((tmp_path / "one" / "results.json").read_text())
+    names = {n.name for n in hs.generated_needles(model_preset("longvila_tiny").vision)}
     assert written["cells"] == single["cells"] and (tmp_path / "one" / "heatmap.png").is_file()
     cells = written["cells"]
     assert [(c["frames"], c["depth"]) for c in cells] == [
@@ -200,6 +204,7 @@ def test_sequence_parallel_equals_one_process_and_results_contract(checkpoint, t
     ]
     for c in cells:
         assert c["needles"] == 12 and c["accuracy"] == c["correct"] / 12
+        assert len(c["missed"]) == 12 - c["correct"] and set(c["missed"]) <= names
     assert written["trained_frames"] == TRAINED_FRAMES
     assert written["average"] == pytest.approx(np.mean([c["accuracy"] for c in cells]))
     within = [c["accuracy"] for c in cells if c["frames"] <= TRAINED_FRAMES]

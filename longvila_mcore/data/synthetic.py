@@ -12,8 +12,9 @@ What is in it (images and videos are 56 x 56, videos at 2 frames a second):
   background, on the left".
 - interleaved (stage 2): documents of two or three such pictures, each followed by a sentence
   about it, and a final count of the pictures.
-- conversation (stages 3 and 5): a quarter questions about a picture (colour, shape, side), a
-  quarter about a short clip of a moving shape (colour, shape, direction), half about a needle
+- conversation (stages 3 and 5): a quarter questions about a picture (an eighth a shape
+  picture: colour, shape, side; an eighth a needle picture: colour and shape), a quarter about a
+  short clip of a moving shape (colour, shape, direction), half about a needle
   video: a grey haystack (`haystack`) of 8 to `num_frames` frames with one needle picture
   (`needle_picture`: one of 4 colours x 3 shapes, large and centred on black) at a random depth.
   A needle video asks both needle questions (`NEEDLE_QUESTIONS`: its colour and its shape, in a
@@ -113,7 +114,7 @@ def generate_synthetic(
     out_dir: str | Path,
     *,
     num_frames: int = DEFAULT_FRAMES,
-    samples: int = 256,
+    samples: int = 1024,
     shards: int = 2,
     text_length: int = 512,
     seed: int = 0,
@@ -284,6 +285,14 @@ def _interleaved(rng: np.random.Generator, i: int) -> tuple[dict, str]:
 
 def _conversation(rng: np.random.Generator, i: int, num_frames: int) -> tuple[dict, str]:
     variant = i % 4
+    if variant == 0 and i % 8 == 4:  # a needle picture alone: its shape learnt on one frame
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        media = {"jpg": encode_image(needle_picture(colour, shape), "jpg")}
+        questions = [
+            ("What colour is the shape?", colour),
+            ("What shape is in the picture?", shape),
+        ]
+        return _record(i, media, "<image>", [questions[q] for q in rng.permutation(2)])
     if variant == 0:
         image, w = _shape_picture(rng)
         media, placeholder = {"jpg": encode_image(image, "jpg")}, "<image>"

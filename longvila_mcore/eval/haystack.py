@@ -80,7 +80,9 @@ def generated_needles(vision: VisionConfig) -> list[Needle]:
             shape = SHAPES[j % 3]
             picture = normalize(_to_tower(needle_picture(colour, shape), vision)[None], vision)
             answer = colour if kind == "colour" else shape
-            needles.append(Needle(f"{colour}_{shape}", picture, NEEDLE_QUESTIONS[kind], answer))
+            needles.append(
+                Needle(f"{kind}-{colour}-{shape}", picture, NEEDLE_QUESTIONS[kind], answer)
+            )
     return needles
 
 

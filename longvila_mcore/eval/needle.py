@@ -176,6 +176,7 @@ def evaluate(args: argparse.Namespace, parallel: ParallelConfig) -> dict | None:
                     "needles": len(needles),
                     "accuracy": correct / len(needles),
                     "logprob": sum(s.logprob for s in scores) / len(scores),
+                    "missed": [n.name for n, s in zip(needles, scores) if not s.found],
                 }
             )
             if rank0:

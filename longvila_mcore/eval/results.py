@@ -3,7 +3,7 @@ resumes where it was) and the heatmap.
 
 results.json: `config` (what was evaluated), `cells` (`frames`: haystack length, `depth`: needle
 depth in percent, `correct`: needles found, `needles`: needles asked, `accuracy`, `logprob`: the answers' mean
-log-likelihood), `average`
+log-likelihood, `missed`: names of the needles not found), `average`
 (mean cell accuracy), `trained_frames` (the most frames of one sample the checkpoint was trained
 on, as it records it; null if it does not), `average_within_training` (over the cells with
 `frames <= trained_frames`; null without any), `time_s` (evaluation time, summed over resumed runs).
