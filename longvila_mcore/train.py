@@ -39,6 +39,8 @@ def _resolve(cfg: DictConfig) -> Config:
         raise ValueError(f"no stage selected: add +stage=<name>, one of {' '.join(STAGES)}")
     config: Config = OmegaConf.to_object(cfg)
     config.stage.check()
+    if config.train.lr_scale <= 0:
+        raise ValueError(f"train.lr_scale={config.train.lr_scale} must be > 0 (1: the stage's lr)")
     return config
 
 
@@ -60,9 +62,9 @@ def _explicit_token_order(config: Config, overrides: list[str]) -> str | None:
 def _starting_point(
     config: Config, source: Path | str | None, token_order: str | None = None
 ) -> tuple[ModelConfig, PreTrainedTokenizerBase, dict]:
-    """(model dimensions, tokenizer, what to keep of an HF origin) of the run's start: the
-    checkpoint it starts from (its token order unless `token_order` is given), else `model=`
-    and the data's tokenizer."""
+    """(model dimensions, tokenizer, what to keep of the origin: the HF configs and the most
+    frames of a sample trained on) of the run's start: the checkpoint it starts from (its token
+    order unless `token_order` is given), else `model=` and the data's tokenizer."""
     from longvila_mcore.checkpoint.load import read_source
     from longvila_mcore.data.tokenizer import ensure_media_tokens
 
@@ -77,7 +79,8 @@ def _starting_point(
         ensure_media_tokens(tokenizer)
     else:
         start = read_source(source, token_order)
-        model, tokenizer, origin = start.model, start.tokenizer, {"hf": start.hf}
+        model, tokenizer = start.model, start.tokenizer
+        origin = {"hf": start.hf, "trained_frames": start.trained_frames or 0}
     if config.stage.rope_theta is not None:
         model.llm.rope_theta = config.stage.rope_theta
     if len(tokenizer) > model.llm.vocab_size:
@@ -168,6 +171,8 @@ def train(config: Config, token_order: str | None = None) -> None:
         if step >= train_cfg.max_steps:
             log.info("already at train.max_steps=%d: nothing to do", train_cfg.max_steps)
     meta = {"stage": stage.name, "config": dataclasses.asdict(config), **origin}
+    # The needle evaluation reports accuracy within the longest video the model has seen.
+    trained_frames = torch.tensor([meta.get("trained_frames", 0)], device=device)
 
     # --- the loop
     dp_group = parallel_state.get_data_parallel_group()
@@ -190,6 +195,9 @@ def train(config: Config, token_order: str | None = None) -> None:
         )
         dist.all_reduce(counts, group=dp_group)
         num_targets, tokens, skipped = (int(c) for c in counts.tolist())
+        longest = max(b.most_frames() for b in micro_batches)
+        trained_frames = torch.clamp(trained_frames, min=longest)
+        dist.all_reduce(trained_frames, op=dist.ReduceOp.MAX, group=dp_group)
         if num_targets == 0:
             raise ValueError(
                 f"step {step + 1} has no target tokens: check the data and stage.data_kind"
@@ -201,7 +209,7 @@ def train(config: Config, token_order: str | None = None) -> None:
             loss_sum += local_sum.detach()
         ddp.finish_grad_sync()
         dist.all_reduce(loss_sum, group=dp_sp_group)
-        lr = learning_rate(stage, step, train_cfg.max_steps)
+        lr = learning_rate(stage, step, train_cfg.max_steps) * train_cfg.lr_scale
         optimizer.set_lr(lr)
         grad_norm = optimizer.step()
         ddp.zero_grad_buffer()
@@ -227,7 +235,7 @@ def train(config: Config, token_order: str | None = None) -> None:
                 optimizer,
                 tokenizer,
                 pipeline.state_dict(),
-                meta,
+                {**meta, "trained_frames": int(trained_frames)},
                 config.checkpoint.keep_last,
             )
     metrics.close()

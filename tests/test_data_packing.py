@@ -59,3 +59,13 @@ def test_collate_respects_max_length_and_micro_batch_size():
     assert all(b.frames.shape == (0, 3, 2, 2) for b in batches)
     with pytest.raises(ValueError, match="max_length"):
         plan_micro_batches([24], micro_batch_size=1, max_length=20)
+
+
+def test_most_frames_is_the_longest_sample_not_the_pack():
+    batch = pack(
+        [sample(10, frames=3), sample(4), sample(20, frames=5), sample(9, frames=2)], PAD, 4
+    )
+    assert batch.frames.shape[0] == 10 and batch.most_frames() == 5
+    three = pack([sample(20, frames=5, tokens_per_frame=3)], PAD, 4)  # another tokens_per_frame
+    assert three.most_frames() == 5
+    assert pack([sample(7), sample(5)], PAD, 4).most_frames() == 0

@@ -1,5 +1,6 @@
 """The synthetic dataset: every kind and a tokenizer, deterministic, atomic, cached."""
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_generation_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synthetic, "_text_chunks", crash)  # after media and tokenizer are written
     with pytest.raises(KeyboardInterrupt):
-        synthetic.generate_synthetic(tmp_path / "v1", **SMALL)
+        synthetic.generate_synthetic(tmp_path / "v2", **SMALL)
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor a temporary directory
     with pytest.raises(FileExistsError):
         synthetic.generate_synthetic(tmp_path, **SMALL)
@@ -55,7 +56,7 @@ def test_cache_made_on_first_use_then_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGVILA_CACHE", str(tmp_path))
     data = DataConfig()  # name=synthetic, no patterns
     pattern = shard_pattern(data, "conversation")  # generates the default dataset
-    root = tmp_path / "synthetic" / "v1"
+    root = tmp_path / "synthetic" / "v2"
     assert pattern == str(root / "conversation-{000000..000001}.tar")
     stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
 
@@ -83,3 +84,35 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     runpy.run_path(str(tool), run_name="__main__")
     assert "exists" in capsys.readouterr().out
+
+
+def test_needle_videos_show_one_needle_and_ask_its_colour_and_shape(tmp_path):
+    """Half the conversations are needle videos: a grey haystack, one needle picture (found in
+    the decoded frames by its colour), and both needle questions answered with one word."""
+    import io
+
+    import av
+    import numpy as np
+
+    paths = synthetic.generate_synthetic(tmp_path / "d", **{**SMALL, "num_frames": 12})
+    refs = [r for s in expand_shards(paths.shards["conversation"]) for r in index_shard(s)]
+    needles = 0
+    for ref in refs:
+        files = ref.read()
+        turns = json.loads(files["json"])["conversations"]
+        asked = {
+            t["value"].replace("<video>\n", ""): a["value"] for t, a in zip(turns[::2], turns[1::2])
+        }
+        if synthetic.NEEDLE_QUESTIONS["colour"] not in asked or "mp4" not in files:
+            continue
+        needles += 1
+        assert asked[synthetic.NEEDLE_QUESTIONS["shape"]] in synthetic.SHAPES
+        with av.open(io.BytesIO(files["mp4"])) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        assert 8 <= len(frames) <= 12
+        centre = frames[:, 28, 28].astype(int)
+        coloured = np.abs(centre - centre.mean(1, keepdims=True)).max(1) > 30  # grey is not
+        assert coloured.sum() == 1
+        expected = np.array(synthetic.COLOURS[asked[synthetic.NEEDLE_QUESTIONS["colour"]]])
+        assert np.abs(centre[coloured][0] - expected).max() < 40
+    assert needles == 6  # of 12 samples

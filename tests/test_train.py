@@ -102,12 +102,35 @@ def test_every_stage_composes():
     assert model_preset("longvila_7b").tokens_per_frame == 196  # 27 x 27 patches -> 14 x 14
 
 
+def test_the_tiny_model_brings_its_recipe_and_overrides_win():
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        tiny = OmegaConf.to_object(compose("config", overrides=["+stage=5_sft_1024f"]))
+        large = OmegaConf.to_object(
+            compose("config", overrides=["+stage=5_sft_1024f", "model=longvila_1.5b"])
+        )
+        mine = OmegaConf.to_object(
+            compose("config", overrides=["+stage=5_sft_1024f", "train.max_steps=5"])
+        )
+    assert (tiny.train.lr_scale, tiny.train.max_steps, tiny.train.global_batch_size) == (
+        40,
+        800,
+        16,
+    )
+    assert (large.train.lr_scale, large.train.max_steps, large.train.global_batch_size) == (
+        1,
+        200,
+        8,
+    )
+    assert (mine.train.max_steps, mine.train.lr_scale) == (5, 40)
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
         ("+stage=6_unknown", "stage/6_unknown"),
         ("train.max_stepz=3", "max_stepz"),
         ("train.max_steps=abc", "max_steps"),
+        ("train.lr_scale=0", "train.lr_scale=0.0 must be > 0"),
     ],
 )
 def test_bad_override_is_one_clear_error(tmp_path, override, message):
@@ -158,6 +181,8 @@ def test_stage1_trains_only_the_projector_and_stage4_only_the_llm(tmp_path, sing
     run_train(start, "+stage=3_sft", "train.max_steps=1")
     ckpt = start / "checkpoints" / "step_0000001"
     before = _model_tensors(ckpt)
+    # Stage 3 samples videos to 8 frames; text-only stage 4 keeps what the start was trained on.
+    assert json.loads((ckpt / "longvila.json").read_text())["trained_frames"] == 8
     for stage, learns in (("1_align", {"mm_projector"}), ("4_extend_llm_64k", {"llm"})):
         out = tmp_path / stage
         run_train(out, f"+stage={stage}", "train.max_steps=2", f"checkpoint.load={ckpt}")
@@ -168,6 +193,7 @@ def test_stage1_trains_only_the_projector_and_stage4_only_the_llm(tmp_path, sing
         (tmp_path / "4_extend_llm_64k/checkpoints/step_0000002/longvila.json").read_text()
     )
     assert meta["model"]["llm"]["rope_theta"] == 15_300_000  # stage 4 raised RoPE theta
+    assert meta["trained_frames"] == 8
 
 
 # --- layouts give the same losses -----------------------------------------------------------

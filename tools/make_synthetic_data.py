@@ -29,12 +29,12 @@ def main() -> None:
         "--out",
         type=Path,
         help="target directory (default: the cache's, "
-        "$LONGVILA_CACHE or ~/.cache/longvila_mcore, then synthetic/v1)",
+        "$LONGVILA_CACHE or ~/.cache/longvila_mcore, then synthetic/v2)",
     )
     parser.add_argument(
         "--frames", type=int, default=DEFAULT_FRAMES, help="frames of a needle video"
     )
-    parser.add_argument("--samples", type=int, default=256, help="samples of each kind")
+    parser.add_argument("--samples", type=int, default=1024, help="samples of each kind")
     parser.add_argument("--shards", type=int, default=2, help="shards of each kind")
     parser.add_argument("--text-length", type=int, default=512, help="tokens of a text sample")
     parser.add_argument("--seed", type=int, default=0)

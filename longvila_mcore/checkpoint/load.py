@@ -29,6 +29,9 @@ class Source:
     """The configs and dtypes of the VILA-layout checkpoint it came from (None: trained here)."""
     stage: dict[str, Any] | None
     """The stage config that wrote it (None: converted, not trained)."""
+    trained_frames: int | None
+    """The most frames of one sample it was trained on, as training here records it (with the
+    checkpoints it started from); a VILA-layout directory's `num_video_frames`; else None."""
 
     @property
     def num_video_frames(self) -> int:
@@ -52,10 +55,13 @@ def read_source(path: str | Path, token_order: str | None = None) -> Source:
             AutoTokenizer.from_pretrained(mcore_ckpt.tokenizer_dir(root)),
             meta.get("hf"),
             meta.get("config", {}).get("stage"),
+            meta.get("trained_frames"),
         )
     if (root / "config.json").is_file() and (root / "llm").is_dir():
         cfg, tokenizer, _ = hf.read_config_and_tokenizer(root, token_order)
-        return Source(cfg, tokenizer, hf.hf_origin(root, hf.SafetensorsReader(root)), None)
+        origin = hf.hf_origin(root, hf.SafetensorsReader(root))
+        frames = (origin.get("config") or {}).get("num_video_frames")
+        return Source(cfg, tokenizer, origin, None, frames)
     raise CheckpointError(
         f"{root} is neither a checkpoint of this project ({mcore_ckpt.FORMAT_FILE}) nor a "
         "VILA-layout HF checkpoint (config.json, llm/, vision_tower/, mm_projector/)"
@@ -75,6 +81,8 @@ class LoadedModel:
     model: LongVILAModel
     tokenizer: PreTrainedTokenizerBase
     num_video_frames: int
+    trained_frames: int | None
+    """As `Source.trained_frames`."""
 
 
 def load_for_inference(
@@ -89,4 +97,6 @@ def load_for_inference(
     source = read_source(path, token_order)
     model = LongVILAModel(source.model, parallel, device, dtype, initialize=False)
     fill_weights(model, path)
-    return LoadedModel(model.to(device), source.tokenizer, source.num_video_frames)
+    return LoadedModel(
+        model.to(device), source.tokenizer, source.num_video_frames, source.trained_frames
+    )

@@ -39,5 +39,15 @@ class Batch:
     def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    def most_frames(self) -> int:
+        """The most frames any one packed sample holds (0 without media): a video sample's
+        length, the number of pictures of an interleaved one."""
+        is_media = self.media_index >= 0
+        if not is_media.any():
+            return 0
+        tokens_per_frame = int(is_media.sum()) // self.frames.shape[0]
+        sample = torch.bucketize(torch.nonzero(is_media).squeeze(1), self.cu_seqlens, right=True)
+        return int(torch.bincount(sample).max()) // tokens_per_frame
+
     def to(self, device: torch.device) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

@@ -92,12 +92,14 @@ def load_video(
     *,
     fps: float | None = None,
     resize: str = "rgb",
+    keep_start: bool = False,
 ) -> torch.Tensor:
     """Decode a video into `[F, 3, S, S]` frames (S = vision.image_size), F <= num_frames.
 
     Frames are sampled uniformly over the clip, or at `fps` frames a second when given (both
-    capped at `num_frames`), and resized as `resize` says (VIDEO_RESIZES). Raises MediaError
-    naming the source when it cannot be decoded.
+    capped at `num_frames`: a longer clip at `fps` gives `num_frames` uniform frames, or with
+    `keep_start` its first `num_frames`), and resized as `resize` says (VIDEO_RESIZES). Raises
+    MediaError naming the source when it cannot be decoded.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames={num_frames} must be >= 1")
@@ -121,6 +123,8 @@ def load_video(
             wanted = uniform_indices(total, num_frames)
         elif rate is None:
             raise MediaError(f"{name} has no frame rate; sample it uniformly (fps=None)")
+        elif keep_start:
+            wanted = fps_indices(total, float(rate), fps, total)[:num_frames]
         else:
             wanted = fps_indices(total, float(rate), fps, num_frames)
         if fps is None and total < num_frames:

@@ -3,7 +3,7 @@
 Real webdataset shards with real encoded media (H.264 mp4 videos, JPEG and PNG images), a
 pre-tokenised text set and the byte-level BPE tokenizer they were written with, generated
 deterministically from a seed into the cache (`$LONGVILA_CACHE` or `~/.cache/longvila_mcore`,
-then `synthetic/v1`). Everything is written into a temporary directory that is renamed when
+then `synthetic/v2`). Everything is written into a temporary directory that is renamed when
 complete, so an interrupted generation leaves no cache behind.
 
 What is in it (images and videos are 56 x 56, videos at 2 frames a second):
@@ -12,10 +12,15 @@ What is in it (images and videos are 56 x 56, videos at 2 frames a second):
   background, on the left".
 - interleaved (stage 2): documents of two or three such pictures, each followed by a sentence
   about it, and a final count of the pictures.
-- conversation (stages 3 and 5), one third each: questions about a picture (colour, shape,
-  side); about a short clip of a moving shape (colour, shape, direction); and about a long grey
-  haystack video with one needle frame showing a shape at a random depth (colour, shape, and
-  when it appears: near the start, in the middle, near the end).
+- conversation (stages 3 and 5): a quarter questions about a picture (an eighth a shape
+  picture: colour, shape, side; an eighth a needle picture: colour and shape), a quarter about a
+  short clip of a moving shape (colour, shape, direction), half about a needle
+  video: a grey haystack (`haystack`) of 8 to `num_frames` frames with one needle picture
+  (`needle_picture`: one of 4 colours x 3 shapes, large and centred on black) at a random depth.
+  A needle video asks both needle questions (`NEEDLE_QUESTIONS`: its colour and its shape, in a
+  random order, each answered with one word) and sometimes when it appears (near the start, in
+  the middle, near the end). The needle evaluation (`longvila_mcore.eval`) asks the same
+  questions about the same pictures in haystacks made the same way.
 - text (stage 4): token ids of sentences about shapes and counting, in fixed-length chunks.
 """
 
@@ -44,7 +49,7 @@ from longvila_mcore.data.tokenizer import PAD_TOKEN, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
-VERSION = "v1"
+VERSION = "v2"
 DEFAULT_FRAMES = 64
 SIZE = 56
 FRAME_RATE = 2
@@ -58,6 +63,12 @@ COLOURS = {
 }
 SHAPES = ("square", "circle", "triangle")
 BACKGROUNDS = {"black": 20, "grey": 128, "white": 235}
+NEEDLE_QUESTIONS = {
+    "colour": "What colour is the shape?",
+    "shape": "What shape appears in the video?",
+}
+"""The needle questions of the training videos and of the evaluation; the answer is one word."""
+MIN_NEEDLE_FRAMES = 8
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ class SyntheticPaths:
 
 
 def synthetic_root(cache_dir: str | Path | None = None, num_frames: int = DEFAULT_FRAMES) -> Path:
-    """The dataset's directory: `<cache>/synthetic/v1` (`v1-<n>f` for non-default lengths)."""
+    """The dataset's directory: `<cache>/synthetic/v2` (`v2-<n>f` for non-default lengths)."""
     base = cache_dir or os.environ.get("LONGVILA_CACHE") or Path.home() / ".cache/longvila_mcore"
     name = VERSION if num_frames == DEFAULT_FRAMES else f"{VERSION}-{num_frames}f"
     return Path(base) / "synthetic" / name
@@ -103,7 +114,7 @@ def generate_synthetic(
     out_dir: str | Path,
     *,
     num_frames: int = DEFAULT_FRAMES,
-    samples: int = 256,
+    samples: int = 1024,
     shards: int = 2,
     text_length: int = 512,
     seed: int = 0,
@@ -148,6 +159,9 @@ def _write_dataset(root: Path, num_frames, samples, shards, text_length, seed) -
         "conversation": lambda rng, i: _conversation(rng, i, num_frames),
     }
     records, corpus = {}, ["system\nYou are a helpful assistant.\nuser\nassistant\n"] * 100
+    # One-word replies follow the template's newline, without the space they have in sentences:
+    # enough of them that each is one token.
+    corpus += ["\n".join([*COLOURS, *SHAPES]) + "\n"] * 1000
     for k, (kind, make) in enumerate(makers.items()):
         made = [make(np.random.default_rng([seed, k, i]), i) for i in range(samples)]
         records[kind] = [record for record, _ in made]
@@ -218,12 +232,26 @@ def _shape_picture(rng: np.random.Generator):
     return image, dict(colour=colour, shape=shape, background=background, side=side)
 
 
-def _haystack(rng: np.random.Generator, num_frames: int) -> np.ndarray:
-    """Grey frames of slowly drifting 8 x 8 blocks: nothing coloured, cheap to encode."""
+def haystack(rng: np.random.Generator, num_frames: int) -> np.ndarray:
+    """uint8 `[num_frames, 56, 56, 3]` grey frames of slowly drifting 8 x 8 blocks: nothing
+    coloured, cheap to encode. Block levels are uniform in [40, 200), each frame's the mean of
+    four consecutive draws, so neighbouring frames share three."""
     levels = rng.integers(40, 200, (num_frames + 3, SIZE // 8, SIZE // 8)).astype(float)
     levels = (levels[:-3] + levels[1:-2] + levels[2:-1] + levels[3:]) / 4
     grey = np.kron(levels, np.ones((8, 8))).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def needle_picture(colour: str, shape: str) -> np.ndarray:
+    """uint8 `[56, 56, 3]`: a `colour` `shape` of half-size 22, centred on black. Large so that
+    the shapes differ in every 14-pixel patch the tiny tower sees at the frame's edges."""
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(
+            f"needle {colour} {shape}: colour one of {list(COLOURS)}, shape of {SHAPES}"
+        )
+    image = np.full((SIZE, SIZE, 3), BACKGROUNDS["black"], np.uint8)
+    draw_shape(image, shape, COLOURS[colour], SIZE // 2, SIZE // 2, 22)
+    return image
 
 
 # --- samples ------------------------------------------------------------------------------
@@ -256,13 +284,21 @@ def _interleaved(rng: np.random.Generator, i: int) -> tuple[dict, str]:
 
 
 def _conversation(rng: np.random.Generator, i: int, num_frames: int) -> tuple[dict, str]:
-    variant = i % 3
+    variant = i % 4
+    if variant == 0 and i % 8 == 4:  # a needle picture alone: its shape learnt on one frame
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        media = {"jpg": encode_image(needle_picture(colour, shape), "jpg")}
+        questions = [
+            ("What colour is the shape?", colour),
+            ("What shape is in the picture?", shape),
+        ]
+        return _record(i, media, "<image>", [questions[q] for q in rng.permutation(2)])
     if variant == 0:
         image, w = _shape_picture(rng)
         media, placeholder = {"jpg": encode_image(image, "jpg")}, "<image>"
         questions = [
             ("What colour is the shape?", w["colour"]),
-            ("What shape is in the picture?", f"a {w['shape']}"),
+            ("What shape is in the picture?", w["shape"]),
             ("Where is the shape?", f"on the {w['side']}"),
         ]
     elif variant == 1:
@@ -270,21 +306,23 @@ def _conversation(rng: np.random.Generator, i: int, num_frames: int) -> tuple[di
         media, placeholder = {"mp4": encode_video(frames)}, "<video>"
         questions = [
             ("What colour is the moving shape?", w["colour"]),
-            ("What shape moves in the video?", f"a {w['shape']}"),
+            ("What shape moves in the video?", w["shape"]),
             ("Which way does the shape move?", f"to the {w['direction']}"),
         ]
     else:
         frames, w = _needle_video(rng, num_frames)
         media, placeholder = {"mp4": encode_video(frames)}, "<video>"
-        questions = [
-            ("What colour is the shape?", w["colour"]),
-            ("What shape appears in the video?", f"a {w['shape']}"),
-            ("When does the shape appear?", w["when"]),
-        ]
+        needle = [(NEEDLE_QUESTIONS[k], w[k]) for k in rng.permutation(["colour", "shape"])]
+        when = [("When does the shape appear?", w["when"])] if rng.random() < 0.25 else []
+        return _record(i, media, placeholder, needle + when)
     order = rng.permutation(len(questions))[: int(rng.integers(1, len(questions) + 1))]
+    return _record(i, media, placeholder, [questions[q] for q in order])
+
+
+def _record(i: int, media: dict, placeholder: str, questions: list[tuple[str, str]]):
+    """A conversation record asking `questions` in turn about `media`, and its words."""
     turns = []
-    for n, q in enumerate(order):
-        question, answer = questions[q]
+    for n, (question, answer) in enumerate(questions):
         turns += [
             {"from": "human", "value": f"{placeholder}\n{question}" if n == 0 else question},
             {"from": "gpt", "value": answer},
@@ -306,14 +344,13 @@ def _moving_shape(rng: np.random.Generator):
 
 
 def _needle_video(rng: np.random.Generator, num_frames: int):
-    frames = _haystack(rng, num_frames)
+    """A haystack of 8 to `num_frames` frames, one of them a needle picture."""
+    length = int(rng.integers(min(MIN_NEEDLE_FRAMES, num_frames), num_frames + 1))
+    frames = haystack(rng, length)
     colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
-    depth = int(rng.integers(num_frames))
-    r = 12
-    cy, cx = (int(v) for v in rng.integers(r, SIZE - r, 2))
-    draw_shape(frames[depth], shape, COLOURS[colour], cy, cx, r)
-    third = 3 * depth // num_frames
-    when = ("near the start", "in the middle", "near the end")[third]
+    depth = int(rng.integers(length))
+    frames[depth] = needle_picture(colour, shape)
+    when = ("near the start", "in the middle", "near the end")[3 * depth // length]
     return frames, dict(colour=colour, shape=shape, when=when)
 
 

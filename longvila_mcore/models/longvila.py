@@ -8,6 +8,8 @@ encodes its share of the frames and receives exactly the embeddings of its own t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from megatron.core.tensor_parallel import (
     copy_tensor_model_parallel_attributes,
@@ -83,27 +85,35 @@ class LongVILAModel(MegatronModule):
     def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.embed(ids[None]).squeeze(1)
 
-    def embed(self, batch: Batch) -> torch.Tensor | None:
+    def embed(
+        self, batch: Batch, encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
         """This rank's shard of the input embeddings `[s / N, 1, hidden]`, frames spliced in
-        (None on later pipeline stages)."""
+        (None on later pipeline stages).
+
+        `encode` replaces `encode_frames` on this rank's block of `batch.frames` (any per-frame
+        tensor it understands, e.g. ids of frames whose tokens it has cached; the sharder pads a
+        block with zeros): the needle evaluation encodes a haystack once for every depth."""
         if not self.pre_process:
             return None
         return self.sharder.embed(
             batch.input_ids,
             batch.media_index,
             batch.frames,
-            self.encode_frames,
+            encode or self.encode_frames,
             self._embed_tokens,
             self.cfg.tokens_per_frame,
             batch.cu_seqlens,
         ).unsqueeze(1)
 
-    def hidden_states(self, batch: Batch) -> torch.Tensor:
+    def hidden_states(
+        self, batch: Batch, encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """This rank's decoder output `[s / N, 1, hidden]` (after the final norm on the last
-        pipeline stage)."""
+        pipeline stage); `encode` as in `embed`."""
         positions = self.sp.shard(batch.position_ids, cu_seqlens=batch.cu_seqlens).unsqueeze(0)
         packed = PackedSamples(boundaries=tuple(batch.cu_seqlens.tolist()))
-        return self.llm.hidden_states(self.embed(batch), positions, packed)
+        return self.llm.hidden_states(self.embed(batch, encode), positions, packed)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """This rank's logits `[s / N, 1, vocab / tp]` for its shard of the packed sequence
