@@ -1,12 +1,14 @@
-"""Answer a question about a video: `python -m longvila_mcore.generate --load DIR --video PATH
---prompt TEXT [--num-frames N] [--max-new-tokens K] [--video-resize rgb|yuv] [--json]
-[--token-order raster|legacy]`.
+"""Answer a question about videos and images: `python -m longvila_mcore.generate --load DIR
+--video PATH [--video PATH ...] [--image PATH ...] --prompt TEXT [--num-frames N]
+[--max-new-tokens K] [--video-resize rgb|yuv] [--json] [--token-order raster|legacy]`.
 
-DIR is a VILA-layout HF checkpoint or a checkpoint this project wrote. The video is decoded with
+DIR is a VILA-layout HF checkpoint or a checkpoint this project wrote. Each video is decoded with
 PyAV, `--num-frames` frames are sampled uniformly and preprocessed for the tower as VILA does it
-(`--video-resize yuv`: the faster resize before the conversion to RGB), the prompt goes
-through the tokenizer's chat template (user turn = `<vila/video>` + prompt), and decoding is greedy
-with a KV cache. Under torchrun, the ranks split the model tensor-parallel. The projector's token
+(`--video-resize yuv`: the faster resize before the conversion to RGB), images take the same
+path. The prompt goes through the tokenizer's chat template with the media as VILA's
+LLaVADataset places them in training: images then videos, each in the order given, their tokens
+opening the user turn (`<image><vila/video>` + prompt). Decoding is greedy with a KV cache.
+Under torchrun, the ranks split the model tensor-parallel. The projector's token
 order is the one the checkpoint records (raster for a released VILA-layout directory) unless
 `--token-order` says otherwise.
 """
@@ -30,7 +32,7 @@ from longvila_mcore.config import TOKEN_ORDERS, ParallelConfig
 from longvila_mcore.data.batch import IGNORE_INDEX, Batch
 from longvila_mcore.data.chat import render_prompt
 from longvila_mcore.data.layout import MediaLayout
-from longvila_mcore.data.media import VIDEO_RESIZES, MediaError, load_video
+from longvila_mcore.data.media import VIDEO_RESIZES, MediaError, load_image, load_video
 from longvila_mcore.data.tokenizer import IM_END, token_id
 from longvila_mcore.models.longvila import LongVILAModel
 from longvila_mcore.models.qwen2 import Qwen2Model
@@ -102,8 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m longvila_mcore.generate", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--load", required=True, help="VILA-layout HF directory or a checkpoint of ours")
-    p.add_argument("--video", required=True, help="video file (anything PyAV decodes)")
-    p.add_argument("--prompt", required=True, help="question about the video")
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        help="video file (anything PyAV decodes); repeat for several",
+    )
+    p.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    p.add_argument("--prompt", required=True, help="question about the media")
     p.add_argument(
         "--num-frames",
         type=int,
@@ -142,21 +150,27 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_for_inference(
             args.load, parallel, device, default_dtype(device), args.token_order
         )
+        vision = loaded.model.cfg.vision
         num_frames = args.num_frames or loaded.num_video_frames
-        frames = load_video(
-            args.video, num_frames, loaded.model.cfg.vision, resize=args.video_resize
-        )
+        # VILA's order (LLaVADataset): the images, then the videos.
+        media = [load_image(path, vision) for path in args.image] + [
+            load_video(path, num_frames, vision, resize=args.video_resize) for path in args.video
+        ]
     except (CheckpointError, MediaError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tokenizer = loaded.tokenizer
     layout = MediaLayout.from_tokenizer(tokenizer, loaded.model.cfg.tokens_per_frame)
-    prompt = layout.expand(render_prompt(tokenizer, args.prompt, "video"), [frames.shape[0]])
+    kinds = ["image"] * len(args.image) + ["video"] * len(args.video)
+    prompt = layout.expand(
+        render_prompt(tokenizer, args.prompt, kinds), [len(frames) for frames in media]
+    )
+    size = vision.image_size
     tokens = greedy_generate(
         loaded.model,
         prompt.input_ids,
         prompt.media_index,
-        frames.to(device),
+        torch.cat(media).to(device) if media else torch.empty(0, 3, size, size, device=device),
         args.max_new_tokens,
         token_id(tokenizer, IM_END),
     )

@@ -301,3 +301,43 @@ def vila_tensors(root: Path) -> dict[str, torch.Tensor]:
                 name = f"vision_model.{name}"
             tensors[f"{component}/{name}"] = tensor
     return tensors
+
+
+def vila_sequence(
+    pieces: list[tuple[str, bool]],
+    tokenizer,
+    media: list[torch.Tensor],
+    tokens_per_frame: int,
+) -> tuple[list[int], list[int], torch.Tensor]:
+    """A sample laid out as VILA's `_embed` lays it out, from hand-written text pieces
+    `(text, is_target)`: each media token of the text, in order, becomes every frame of its
+    medium (`media[i]`, `[F, 3, H, W]`), each frame its `tokens_per_frame` tokens then "\\n".
+
+    Returns per position the token id (-1 at frame tokens), the frame token it reads (-1 for
+    text) and the labels (next token where it is a target, shifted; -100 elsewhere).
+    """
+    media_ids = set(tokenizer.convert_tokens_to_ids(["<image>", "<vila/video>"]))
+    newline = tokenizer.encode("\n", add_special_tokens=False)[0]
+    ids, reads, targets, frame = [], [], [], 0
+    remaining = list(media)
+    for text, is_target in pieces:
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            if token not in media_ids:
+                ids.append(token), reads.append(-1), targets.append(is_target)
+                continue
+            for _ in range(len(remaining.pop(0))):
+                ids += [-1] * tokens_per_frame + [newline]
+                reads += [frame * tokens_per_frame + t for t in range(tokens_per_frame)] + [-1]
+                targets += [False] * (tokens_per_frame + 1)
+                frame += 1
+    assert not remaining, "fewer media tokens than media"
+    labels = [ids[i + 1] if targets[i + 1] else -100 for i in range(len(ids) - 1)] + [-100]
+    return ids, reads, torch.tensor(labels)
+
+
+def vila_logits(reference: HFLongVILA, ids: list[int], reads: list[int], frames: torch.Tensor):
+    """`[S, vocab]` logits of the HF assembly on a `vila_sequence` layout."""
+    embed = reference.llm.get_input_embeddings()
+    frame_tokens = reference.frame_tokens(frames).flatten(0, 1)
+    rows = [frame_tokens[r] if r >= 0 else embed(torch.tensor(i)) for i, r in zip(ids, reads)]
+    return reference.llm(inputs_embeds=torch.stack(rows)[None]).logits[0]

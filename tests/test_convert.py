@@ -307,7 +307,7 @@ def test_generate_runs_converted_checkpoint(converted, tmp_path):
     layout = MediaLayout.from_tokenizer(
         tokenizer, read_model_config(converted.tied_tp2).tokens_per_frame
     )
-    prompt = layout.expand(render_prompt(tokenizer, PROMPT, "video"), [frames.shape[0]])
+    prompt = layout.expand(render_prompt(tokenizer, PROMPT, ["video"]), [frames.shape[0]])
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     expected = reference.greedy(prompt.input_ids, prompt.media_index, frames, 12, eos)
     assert result["token_ids"] == expected

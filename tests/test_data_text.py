@@ -73,7 +73,7 @@ def test_chat_rendering_and_assistant_only_targets(tokenizer):
         {"from": "human", "value": "And the shape?"},
         {"from": "gpt", "value": "a square"},
     ]
-    messages = conversation_messages(conversation, "video")
+    messages = conversation_messages(conversation, ["video"])
     assert messages[0] == {"role": "user", "content": "<vila/video>What colour is the shape?"}
     ids, is_target = render_chat(tokenizer, messages)
     # Independent expectation: ChatML written out, each assistant span tokenised on its own.
@@ -90,7 +90,7 @@ def test_chat_rendering_and_assistant_only_targets(tokenizer):
     assert ids == expected_ids and is_target == expected_targets
     assert ids == enc(tokenizer, "".join(text for text, _ in pieces))  # same as in one go
     # Generation renders exactly the training prefix, up to the opened assistant turn.
-    prompt = render_prompt(tokenizer, "What colour is the shape?", "video")
+    prompt = render_prompt(tokenizer, "What colour is the shape?", ["video"])
     assert prompt == enc(tokenizer, pieces[0][0])
     # A tokenizer without a chat template gets ChatML.
     template, tokenizer.chat_template = tokenizer.chat_template, None
@@ -103,12 +103,25 @@ def test_chat_rendering_and_assistant_only_targets(tokenizer):
 @pytest.mark.parametrize(
     "conversation, media",
     [
-        ([{"from": "human", "value": "<image>\nHi"}], "image"),  # no reply
-        ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"}], "video"),
-        ([{"from": "human", "value": "<image><image>Hi"}, {"from": "gpt", "value": "a"}], "image"),
-        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "<image>b"}], "image"),
-        ([{"from": "robot", "value": "<image>b"}], "image"),
-        ("not a list", "image"),
+        ([{"from": "human", "value": "<image>\nHi"}], ["image"]),  # no reply
+        ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"}], ["video"]),
+        (
+            [{"from": "human", "value": "<image><image>Hi"}, {"from": "gpt", "value": "a"}],
+            ["image"],
+        ),
+        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "<image>b"}], ["image"]),
+        ([{"from": "robot", "value": "<image>b"}], ["image"]),
+        ("not a list", ["image"]),
+        ([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}] * 2, ["image"]),
+        (
+            [
+                {"from": "human", "value": "<image>a"},
+                {"from": "human", "value": "b"},
+                {"from": "gpt", "value": "c"},
+            ],
+            ["image"],
+        ),  # two human turns in a row
+        ([{"from": "human", "value": "<image>a"}, {"from": "gpt", "value": "<image>"}], ["image"]),
     ],
 )
 def test_unusable_conversations(conversation, media):
@@ -117,8 +130,9 @@ def test_unusable_conversations(conversation, media):
 
 
 def test_placeholder_anywhere_moves_to_the_front():
+    # VILA's _remove_media_tokens: the placeholder goes with one adjacent newline, the rest stays.
     turns = [{"from": "human", "value": "What is\n<image>\nthis?"}, {"from": "gpt", "value": "x"}]
-    assert conversation_messages(turns, "image")[0]["content"] == "<image>What is this?"
+    assert conversation_messages(turns, ["image"])[0]["content"] == "<image>What is\nthis?"
 
 
 def test_media_expansion():

@@ -7,13 +7,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoTokenizer
 
 from longvila_mcore.config import VisionConfig
 from longvila_mcore.data.chat import render_prompt
 from longvila_mcore.data.layout import MediaLayout
 from longvila_mcore.data.tokenizer import IM_END, train_tokenizer
-from tests.hf_reference import HFLongVILA, make_vila_checkpoint, tiny_llm_config, tiny_vision_config
+from tests.hf_reference import (
+    HFLongVILA,
+    make_vila_checkpoint,
+    tiny_llm_config,
+    tiny_vision_config,
+    vila_sequence,
+)
 from tests.test_data_media import lossless_video
 
 TEXTS = ["What colour is the shape? The shape is red.", "A blue circle moves left.\n" * 3] * 20
@@ -54,7 +61,7 @@ def test_generate_matches_hf_greedy_in_both_token_orders(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(root / "llm")
     layout = MediaLayout.from_tokenizer(tokenizer, 4)
-    prompt = layout.expand(render_prompt(tokenizer, PROMPT, "video"), [5])
+    prompt = layout.expand(render_prompt(tokenizer, PROMPT, ["video"]), [5])
     expected = {
         order: HFLongVILA(root, order).greedy(
             prompt.input_ids,
@@ -75,6 +82,53 @@ def test_generate_matches_hf_greedy_in_both_token_orders(tmp_path):
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["token_ids"] == expected[order], order
         assert result["text"] == tokenizer.decode(expected[order], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_generate_with_several_media_matches_hf_greedy(tmp_path):
+    """`--image` twice and `--video`: the media tokens open the user turn as VILA's LLaVADataset
+    orders them (images, then videos); the greedy tokens equal the HF assembly's on VILA's
+    layout written from the prompt text (tests/hf_reference.vila_sequence)."""
+    tokenizer_dir = train_tokenizer(TEXTS, 300, tmp_path / "tokenizer")
+    vision = tiny_vision_config()
+    root = make_vila_checkpoint(
+        tmp_path / "ckpt", tokenizer_dir, tiny_llm_config(vocab_size=320), vision, qk_scale=10.0
+    )
+    rng = np.random.default_rng(1)
+    size = vision.image_size
+    images = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    clip = rng.integers(0, 256, (12, size, size, 3), dtype=np.uint8)
+    for name, pixels in (("a.png", images[0]), ("b.png", images[1])):
+        Image.fromarray(pixels).save(tmp_path / name)
+    (tmp_path / "clip.mkv").write_bytes(lossless_video(clip, rate=4))
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "llm")
+    prompt = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<image><image><vila/video>{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    media = [reference_frames(images[:1], 1, vision), reference_frames(images[1:], 1, vision),
+             reference_frames(clip, 5, vision)]  # fmt: skip
+    ids, reads, _ = vila_sequence([(prompt, False)], tokenizer, media, 4)
+    expected = HFLongVILA(root).greedy(
+        torch.tensor(ids).clamp(min=0),  # frame positions read frames, not ids
+        torch.tensor(reads),
+        torch.cat(media),
+        12,
+        tokenizer.convert_tokens_to_ids(IM_END),
+    )
+    swapped = HFLongVILA(root).greedy(
+        torch.tensor(ids).clamp(min=0), torch.tensor(reads), torch.cat(media[::-1]), 12, -1
+    )
+    assert swapped[: len(expected)] != expected  # the order of the media matters here
+
+    done = run_generate(
+        "--load", str(root), "--image", str(tmp_path / "a.png"), "--video",
+        str(tmp_path / "clip.mkv"), "--image", str(tmp_path / "b.png"), "--prompt", PROMPT,
+        "--num-frames", "5", "--max-new-tokens", "12", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["token_ids"] == expected
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ def tokenizer_dir(tmp_path_factory):
 
 def prompt_batch(tokenizer, cfg, frames: int) -> Batch:
     layout = MediaLayout.from_tokenizer(tokenizer, cfg.tokens_per_frame)
-    ids = render_prompt(tokenizer, "What colour is the shape?", "video")
+    ids = render_prompt(tokenizer, "What colour is the shape?", ["video"])
     expanded = layout.expand(ids, [frames])
     length = expanded.input_ids.shape[0]
     torch.manual_seed(0)

@@ -84,7 +84,7 @@ def assert_export_loads_in_4_and_5(python: Path, export: Path, workdir: Path) ->
 
     prompt = "What colour is the shape?"
     tokenizer = AutoTokenizer.from_pretrained(export / "llm")  # transformers 5
-    ids = render_prompt(tokenizer, prompt, "video")
+    ids = render_prompt(tokenizer, prompt, ["video"])
     size = json.loads((export / "vision_tower" / "config.json").read_text())["image_size"]
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": torch.tensor([ids]), "pixel_values": pixels}

@@ -1,15 +1,15 @@
 """Conversations through the tokenizer's chat template, with assistant-only targets.
 
-A LLaVA-style conversation (`{"from": "human" | "gpt", "value": ...}` turns, an `<image>` or
-`<video>` placeholder in a human turn) becomes chat messages in which the media token opens the
-user turn, immediately followed by its text (`<vila/video>What happens?`, REFERENCE 1). The
-rendered text is tokenised piece by piece so that exactly the assistant replies and the
-`<|im_end|>` after each are targets, whatever the template around them looks like.
+A LLaVA-style conversation (`{"from": "human" | "gpt", "value": ...}` turns, `<image>` or
+`<video>` placeholders in human turns) becomes chat messages as VILA's `LLaVADataset` makes them:
+every placeholder is removed and the media tokens, one per medium and in the sample's order, open
+the first human turn, immediately followed by its text (`<image><vila/video>What happens?`,
+REFERENCE 1). The rendered text is tokenised piece by piece so that exactly the assistant replies
+and the `<|im_end|>` after each are targets, whatever the template around them looks like.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -23,8 +23,8 @@ from longvila_mcore.data.tokenizer import (
 )
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")
-"""LLaVA's media placeholders, with the whitespace around them (usually a newline)."""
+PLACEHOLDERS = ("<image>", "<video>")
+"""LLaVA's media placeholders; either stands for either kind of medium."""
 MEDIA_TOKENS = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}
 
 
@@ -32,11 +32,29 @@ class ConversationError(ValueError):
     """A conversation that cannot be trained on (no assistant turn, placeholders not matching)."""
 
 
-def conversation_messages(conversations: object, media: str | None) -> list[dict[str, str]]:
-    """Chat messages of a LLaVA-style conversation about one `media` ("image", "video" or None).
+def media_prefix(media: Sequence[str]) -> str:
+    """The media tokens that open the first user turn: one per medium ("image" / "video"), in
+    order, nothing between them (VILA's `extract_media`)."""
+    unknown = [m for m in media if m not in MEDIA_TOKENS]
+    if unknown:
+        raise ValueError(f"media kinds {unknown} are not 'image' or 'video'")
+    return "".join(MEDIA_TOKENS[m] for m in media)
 
-    Its placeholders (`<image>` or `<video>`, either for either media) must number one when there
-    is media and none otherwise; the media token then opens that user turn.
+
+def remove_placeholders(text: str) -> str:
+    """`text` without its placeholders and the newline each usually has, stripped; the same
+    string VILA trains on (`_remove_media_tokens`, applied to every turn)."""
+    for token in PLACEHOLDERS:
+        text = text.replace(token + "\n", "").replace("\n" + token, "").replace(token, "")
+    return text.strip()
+
+
+def conversation_messages(conversations: object, media: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Chat messages of a LLaVA-style conversation about `media` (each "image" or "video").
+
+    Turns alternate human / gpt after any system turns, opening with human, with at least one gpt
+    reply; the placeholders, all in human turns, number as many as the media. Every turn is
+    stripped of its placeholders and the media tokens open the first human turn.
     """
     if not isinstance(conversations, list) or not conversations:
         raise ConversationError("no 'conversations' list")
@@ -49,21 +67,26 @@ def conversation_messages(conversations: object, media: str | None) -> list[dict
         if not isinstance(text, str):
             raise ConversationError(f"turn {turn!r} has no text 'value'")
         role = ROLES[turn["from"]]
-        count = len(PLACEHOLDER.findall(text))
+        count = sum(text.count(token) for token in PLACEHOLDERS)
         if count and role != "user":
             raise ConversationError(f"a media placeholder outside a human turn: {text!r}")
-        if count and media:  # a count other than one is rejected below
-            text = MEDIA_TOKENS[media] + PLACEHOLDER.sub(" ", text).strip()
         placeholders += count
-        messages.append({"role": role, "content": text})
-    expected = 1 if media else 0
-    if placeholders != expected:
+        messages.append({"role": role, "content": remove_placeholders(text)})
+    if placeholders != len(media):
         raise ConversationError(
-            f"{placeholders} media placeholders for {expected} {media or 'media'} item(s)"
+            f"{placeholders} media placeholders for {len(media)} media ({', '.join(media) or 'none'});"
+            " a sample needs one <image> or <video> per medium"
         )
-    roles = [m["role"] for m in messages if m["role"] != "system"]
-    if not roles or roles[0] != "user" or "assistant" not in roles:
-        raise ConversationError("a conversation must open with a human turn and have a gpt reply")
+    first = next((k for k, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    roles = [m["role"] for m in messages[first:]]
+    if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
+        raise ConversationError(
+            f"turns go {'/'.join(r for r in roles)}: after any system turns a conversation "
+            "alternates human and gpt, opening with human"
+        )
+    if len(roles) < 2:
+        raise ConversationError("a conversation needs a gpt reply")
+    messages[first]["content"] = media_prefix(media) + messages[first]["content"]
     return messages
 
 
@@ -103,11 +126,12 @@ def render_chat(
 
 
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, media: str | None = "video"
+    tokenizer: PreTrainedTokenizerBase, prompt: str, media: Sequence[str] = ("video",)
 ) -> list[int]:
-    """Token ids of one user turn (opened by the `media` token, if any) and the opened assistant
-    turn: the generation prompt, tokenised exactly as the prefix of a training sample."""
-    content = MEDIA_TOKENS[media] + prompt if media else prompt
+    """Token ids of one user turn (opened by the tokens of `media`, each "image" or "video", in
+    order) and the opened assistant turn: the generation prompt, tokenised exactly as the prefix
+    of a training sample."""
+    content = media_prefix(media) + prompt
     text = _apply_template(tokenizer, [{"role": "user", "content": content}], True)
     return encode_text(tokenizer, text)
 

@@ -156,6 +156,43 @@ def load_image(source: MediaSource, vision: VisionConfig) -> torch.Tensor:
     return normalize(rgb[None], vision)
 
 
+def check_video(source: MediaSource) -> int:
+    """Decode every frame of a video, as training may sample any of them; return their count.
+
+    Raises MediaError naming the source when it cannot be decoded, has no frames or holds fewer
+    than its header promises (a truncated file).
+    """
+    name = _describe(source)
+    try:
+        with _open(source) as container:
+            if not container.streams.video:
+                raise MediaError(f"{name} has no video stream")
+            stream = container.streams.video[0]
+            promised = stream.frames
+            decoded = sum(1 for _ in container.decode(stream))
+    except (av.FFmpegError, OSError) as err:
+        raise MediaError(
+            f"cannot decode video {name}: {err}; is it a complete video file?"
+        ) from err
+    if decoded == 0 or decoded < promised:
+        raise MediaError(
+            f"video {name} decodes to {decoded} frames but its header promises {promised}; "
+            "the file is truncated or empty"
+        )
+    return decoded
+
+
+def check_image(source: MediaSource) -> None:
+    """Decode an image fully; raises MediaError naming the source when that fails."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+    except OSError as err:
+        raise MediaError(
+            f"cannot decode image {_describe(source)}: {err}; is it a complete image file?"
+        ) from err
+
+
 def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     """An RGB image squashed to uint8 `[S, S, 3]` as transformers' PIL image processors resize:
     Pillow's bicubic filter in one step (no `reducing_gap`)."""

@@ -4,7 +4,7 @@
 |----------------|-------------------------------|-----------------------------------------------------|
 | `caption`      | `jpg`/`png` + `json`          | image, caption, `<|im_end|>`; targets: caption + end |
 | `interleaved`  | `0.jpg`, `1.png`, ... + `json`| segments in order + `<|im_end|>`; targets: all text  |
-| `conversation` | `json` + `mp4` or `jpg`/`png` | chat template; targets: assistant replies + ends     |
+| `conversation` | `json` + media (`mp4`/`jpg`/`png` or `0.jpg`, `1.mp4`, ...) | chat template; targets: assistant replies + ends |
 | `text`         | `npy` (int32 token ids)       | the ids; targets: all                               |
 
 Building a sample raises MediaError for undecodable media and BadSample for anything else that
@@ -142,24 +142,18 @@ class SampleBuilder:
 
     def _conversation(self, files):
         conversations = _json(files, "bad_conversation").get("conversations")
-        video = next((files[e] for e in VIDEO_EXTENSIONS if e in files), None)
-        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        media = "video" if video is not None else "image" if image is not None else None
+        media = conversation_media(files)
         try:
-            messages = conversation_messages(conversations, media)
+            messages = conversation_messages(conversations, [kind for kind, _ in media])
         except ConversationError as err:
             raise BadSample("bad_conversation", str(err)) from err
         ids, targets = render_chat(self.tokenizer, messages)
-        if video is not None:
-            frames = [
-                load_video(
-                    video, self.num_frames, self.vision, fps=self.fps, resize=self.video_resize
-                )
-            ]
-        elif image is not None:
-            frames = [load_image(image, self.vision)]
-        else:
-            frames = []
+        frames = [
+            load_video(data, self.num_frames, self.vision, fps=self.fps, resize=self.video_resize)
+            if kind == "video"
+            else load_image(data, self.vision)
+            for kind, data in media
+        ]
         return ids, targets, frames
 
     def _text(self, files):
@@ -178,6 +172,31 @@ class SampleBuilder:
                 f"{self.vocab_size} ids; was it encoded with another tokenizer?",
             )
         return ids.astype(np.int64), np.ones(len(ids), bool), []
+
+
+def media_kind(extension: str) -> str | None:
+    """ "image" or "video" for a media file extension (`jpg`, `mp4`, ...), else None."""
+    if extension in IMAGE_EXTENSIONS:
+        return "image"
+    return "video" if extension in VIDEO_EXTENSIONS else None
+
+
+def conversation_media(files: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """The media of a conversation sample in order, as (kind, bytes): one unnumbered file
+    (`mp4`, `jpg`, ...) or numbered ones (`0.jpg`, `1.mp4`, ...), counted from 0."""
+    single = [(media_kind(ext), data) for ext, data in files.items() if media_kind(ext)]
+    numbered = {}
+    for name, data in files.items():
+        index, _, ext = name.partition(".")
+        if index.isdigit() and media_kind(ext):
+            numbered[int(index)] = (media_kind(ext), data)
+    if single and numbered or len(single) > 1 or sorted(numbered) != list(range(len(numbered))):
+        raise BadSample(
+            "malformed",
+            f"media files {sorted(files)} are neither one medium (mp4, jpg, ...) nor media "
+            "numbered from 0 (0.jpg, 1.mp4, ...), one file each",
+        )
+    return single or [numbered[i] for i in range(len(numbered))]
 
 
 def _json(files: dict[str, bytes], reason: str) -> dict:
