@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longvila_mcore.models.recompute import check_recompute
+
 log = logging.getLogger(__name__)
 
 
@@ -261,6 +263,16 @@ class TrainConfig:
     adam_eps: float = 1e-8
     log_interval: int = 1
     """Print a progress line every this many steps (metrics.jsonl gets every step)."""
+    recompute: str = "none"
+    """Activation recomputation in the decoder and the vision tower: `none` keeps every
+    activation; `selective` recomputes the attention kernels and the decoder's MLPs in backward;
+    `full` keeps only each layer's input and recomputes the layer (models/recompute.py)."""
+    recompute_num_layers: int = 0
+    """With `full`: recompute only the first this many layers of the tower and of each pipeline
+    stage's decoder layers, the others keep their activations; 0: every layer."""
+
+    def __post_init__(self) -> None:
+        check_recompute(self.recompute, self.recompute_num_layers)
 
 
 @dataclass
