@@ -122,6 +122,8 @@ def test_what_each_mode_recomputes(single_rank):
     assert [first[n] for n in (tower[0], tower[1], decoder[0], decoder[1])] == [2, 1, 2, 1]
 
     selective = calls("selective")
+    for counts in (full, first, selective):
+        assert counts[f"vision_tower.encoder.layers.{used}"] == 0
     for n in tower + decoder:
         assert selective[n] == 1 and selective[f"{n}.self_attention.core_attention"] == 2
     assert all(selective[f"{n}.mlp"] == 2 for n in decoder)
