@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longvila_mcore.models.recompute import check_recompute
+
 log = logging.getLogger(__name__)
 
 
@@ -265,6 +267,16 @@ class TrainConfig:
     """Multiplies the stage's learning rate. The stages' rates are those of the released 1.5B
     and 7B models; the tiny model's recipe (configs/recipe/) raises them, as a 64-wide model
     learns well at rates a 7B one diverges at."""
+    recompute: str = "none"
+    """Activation recomputation in the decoder and the vision tower: `none` keeps every
+    activation; `selective` recomputes the attention kernels and the decoder's MLPs in backward;
+    `full` keeps only each layer's input and recomputes the layer (models/recompute.py)."""
+    recompute_num_layers: int = 0
+    """With `full`: recompute only the first this many layers of the tower and of each pipeline
+    stage's decoder layers, the others keep their activations; 0: every layer."""
+
+    def __post_init__(self) -> None:
+        check_recompute(self.recompute, self.recompute_num_layers)
 
 
 @dataclass

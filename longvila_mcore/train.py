@@ -128,7 +128,14 @@ def train(config: Config, token_order: str | None = None) -> None:
 
     # --- model, optimizer, data
     torch.manual_seed(train_cfg.seed)
-    model = LongVILAModel(model_cfg, parallel, device, dtype).to(device)
+    model = LongVILAModel(
+        model_cfg,
+        parallel,
+        device,
+        dtype,
+        recompute=train_cfg.recompute,
+        recompute_num_layers=train_cfg.recompute_num_layers,
+    ).to(device)
     if load is not None:
         fill_weights(model, load)
         log.info("loaded weights from %s", load)

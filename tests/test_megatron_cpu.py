@@ -1,5 +1,6 @@
 """The CPU redirections of runtime/megatron_cpu.py still match the pinned Megatron-Core."""
 
+import ast
 import importlib
 import inspect
 
@@ -66,3 +67,99 @@ def test_megatron_cuda_call_sites_run_on_cpu():
     rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
     assert rope.get_emb(4).device.type == "cpu"  # calls torch.cuda.current_device()
     torch.cuda.synchronize()  # called around checkpoint I/O; a no-op here
+
+
+# The RNG state calls redirected by `megatron_cpu.redirect_cuda_rng_to_cpu`, and the callers that
+# rely on them. Read from the module's source, since the attributes themselves are ours once
+# redirected.
+RNG_ASSUMPTIONS = [
+    ("_get_cuda_rng_state", "torch.cuda.random.get_rng_state(device=device)"),
+    ("_set_cuda_rng_state", "_lazy_call(cb)"),
+    ("CudaRNGStatesTracker.add", "torch.cuda.get_rng_state()"),
+    ("CudaRNGStatesTracker.fork", "_set_cuda_rng_state(self.states_[name]"),
+    ("_get_all_rng_states", "_get_cuda_rng_state("),
+    ("_set_all_rng_states", "_set_cuda_rng_state("),
+    ("CheckpointFunction.backward", "_set_all_rng_states(*ctx.rng_states)"),
+]
+
+
+def _megatron_source(module: str, path: str) -> str:
+    """Source of a function or method as the module's file has it (not as redirected)."""
+    text = inspect.getsource(importlib.import_module(module))
+    node = ast.parse(text)
+    for part in path.split("."):
+        node = next(
+            n
+            for n in ast.iter_child_nodes(node)
+            if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == part
+        )
+    return ast.get_source_segment(text, node)
+
+
+@pytest.mark.parametrize("path,fragment", RNG_ASSUMPTIONS)
+def test_rng_call_sites_still_exist(path, fragment):
+    assert fragment in _megatron_source("megatron.core.tensor_parallel.random", path)
+
+
+def test_tower_block_relies_on_the_layer_count_of_checkpointed_forward():
+    """models/siglip.TowerBlock sets `num_layers_per_pipeline_rank` to the layers it runs."""
+    source = _megatron_source(
+        "megatron.core.transformer.transformer_block", "TransformerBlock._checkpointed_forward"
+    )
+    assert source.count("self.num_layers_per_pipeline_rank") == 2  # uniform and block
+
+
+@pytest.fixture
+def cpu_rng():
+    if torch.cuda.is_available():
+        pytest.skip("the redirections are inactive with CUDA")
+    megatron_cpu.redirect_cuda_rng_to_cpu()
+    from megatron.core.tensor_parallel import random
+
+    return random
+
+
+def test_rng_state_get_and_set_use_the_cpu_generator(cpu_rng):
+    queued = len(torch.cuda._queued_calls)
+    torch.manual_seed(5)
+    state = cpu_rng._get_cuda_rng_state()
+    assert torch.equal(state, torch.get_rng_state())
+    first = torch.rand(4)
+    cpu_rng._set_cuda_rng_state(state)
+    assert torch.equal(torch.rand(4), first)  # restored, so drawn again
+    assert len(torch.cuda._queued_calls) == queued  # nothing left waiting for a CUDA device
+
+
+def test_rng_tracker_streams_on_cpu(cpu_rng):
+    tracker = cpu_rng.CudaRNGStatesTracker()
+    torch.manual_seed(5)
+    expected_default = torch.rand(3)
+    torch.manual_seed(5)
+    tracker.add("stream", 11)  # leaves the default generator alone
+    with tracker.fork("stream"):
+        inside = torch.rand(3)
+    assert torch.equal(inside, torch.rand(3, generator=torch.Generator().manual_seed(11)))
+    assert torch.equal(torch.rand(3), expected_default)  # fork restored the default stream
+    with tracker.fork("stream"):
+        again = torch.rand(3)
+    generator = torch.Generator().manual_seed(11)
+    torch.rand(3, generator=generator)
+    assert torch.equal(again, torch.rand(3, generator=generator))  # the stream continues
+
+
+def test_checkpoint_redraws_the_same_dropout(cpu_rng):
+    """Megatron's CheckpointFunction: the recomputed dropout mask is the forward's, so the
+    gradient equals the one without recomputation."""
+    from megatron.core import tensor_parallel
+
+    x = torch.randn(64, requires_grad=True)
+
+    def f(t):
+        return torch.nn.functional.dropout(t * 3, p=0.5, training=True)
+
+    torch.manual_seed(2)
+    f(x).pow(2).sum().backward()
+    direct, x.grad = x.grad, None
+    torch.manual_seed(2)
+    tensor_parallel.checkpoint(f, False, x).pow(2).sum().backward()
+    assert torch.equal(x.grad, direct)

@@ -131,6 +131,7 @@ def test_the_tiny_model_brings_its_recipe_and_overrides_win():
         ("train.max_stepz=3", "max_stepz"),
         ("train.max_steps=abc", "max_steps"),
         ("train.lr_scale=0", "train.lr_scale=0.0 must be > 0"),
+        ("train.recompute=some", "train.recompute='some'"),
     ],
 )
 def test_bad_override_is_one_clear_error(tmp_path, override, message):
@@ -217,6 +218,29 @@ def test_parallel_layouts_match_one_process(tmp_path, reference):
         out = tmp_path / name
         run_train(out, *steps, *overrides, nproc=nproc)
         assert close(losses(out), reference, range(1, 4), 1e-4), (name, losses(out), reference)
+
+
+@pytest.mark.slow
+def test_recompute_matches_one_process(tmp_path):
+    """train.recompute=full (every layer, and the first only) and selective: per-step loss and
+    grad_norm of 2 steps as without recomputation."""
+
+    def metrics(name: str, *overrides: str) -> list[tuple[float, float]]:
+        out = tmp_path / name
+        run_train(out, "train.max_steps=2", *overrides)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [(r["loss"], r["grad_norm"]) for r in map(json.loads, lines)]
+
+    none = metrics("none")
+    for name, overrides in (
+        ("full", ["train.recompute=full"]),
+        ("full_1", ["train.recompute=full", "train.recompute_num_layers=1"]),
+        ("selective", ["train.recompute=selective"]),
+    ):
+        ours = metrics(name, *overrides)
+        assert all(
+            abs(a - b) <= 1e-6 * abs(b) for step, ref in zip(ours, none) for a, b in zip(step, ref)
+        ), (name, ours, none)
 
 
 @pytest.mark.slow

@@ -40,17 +40,26 @@ class LongVILAModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         initialize: bool = True,
+        recompute: str = "none",
+        recompute_num_layers: int = 0,
     ):
         """`initialize=False` skips the random initialisation of the Megatron layers (their
         weights are left unset), for a model filled from a checkpoint right away: a 7B model
-        would otherwise draw every weight in fp32 first."""
+        would otherwise draw every weight in fp32 first. `recompute` and `recompute_num_layers`
+        are `train.*`'s activation recomputation, for the decoder and the tower alike
+        (models/recompute.py)."""
         parallel.check_model(cfg)
-        llm_config = qwen2_transformer_config(cfg.llm, parallel.tp, parallel.pp, dtype, initialize)
+        recompute_args = (recompute, recompute_num_layers)
+        llm_config = qwen2_transformer_config(
+            cfg.llm, parallel.tp, parallel.pp, dtype, initialize, *recompute_args
+        )
         super().__init__(config=llm_config)
         self.cfg = cfg
         backend = spec_backend(device)
         if pre_process:
-            tower_config = siglip_transformer_config(cfg.vision, parallel.tp, dtype, initialize)
+            tower_config = siglip_transformer_config(
+                cfg.vision, parallel.tp, dtype, initialize, *recompute_args
+            )
             self.vision_tower = SiglipVisionTower(cfg.vision, tower_config, backend)
             self.mm_projector = build_projector(cfg, dtype)
         self.llm = Qwen2Model(cfg.llm, llm_config, backend, pre_process, post_process)

@@ -14,6 +14,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from longvila_mcore.config import LLMConfig
+from longvila_mcore.models.recompute import DECODER_SELECTIVE, recompute_fields
 from longvila_mcore.models.specs import transformer_layer_spec
 from longvila_mcore.models.swiglu import SwiGLU
 from longvila_mcore.parallel.core_attention import PackedSamples
@@ -25,8 +26,11 @@ def qwen2_transformer_config(
     pp: int = 1,
     dtype: torch.dtype = torch.float32,
     initialize: bool = True,
+    recompute: str = "none",
+    recompute_num_layers: int = 0,
 ) -> TransformerConfig:
-    """`initialize=False` leaves the weights unset, for a model that is loaded right after."""
+    """`initialize=False` leaves the weights unset, for a model that is loaded right after;
+    `recompute` / `recompute_num_layers` as `train.*` (models/recompute.py)."""
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -57,6 +61,7 @@ def qwen2_transformer_config(
         perform_initialization=initialize,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
+        **recompute_fields(recompute, recompute_num_layers, llm.num_layers, DECODER_SELECTIVE),
     )
 
 

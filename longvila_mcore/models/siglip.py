@@ -20,6 +20,7 @@ from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
 from longvila_mcore.config import VisionConfig
+from longvila_mcore.models.recompute import TOWER_SELECTIVE, recompute_fields
 from longvila_mcore.models.specs import transformer_layer_spec
 
 
@@ -33,8 +34,11 @@ def siglip_transformer_config(
     tp: int = 1,
     dtype: torch.dtype = torch.float32,
     initialize: bool = True,
+    recompute: str = "none",
+    recompute_num_layers: int = 0,
 ) -> TransformerConfig:
-    """`initialize=False` leaves the weights unset, for a tower that is loaded right after."""
+    """`initialize=False` leaves the weights unset, for a tower that is loaded right after;
+    `recompute` / `recompute_num_layers` as `train.*` (models/recompute.py)."""
     return TransformerConfig(
         num_layers=vision.num_layers,
         hidden_size=vision.hidden_size,
@@ -59,6 +63,9 @@ def siglip_transformer_config(
         perform_initialization=initialize,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
+        **recompute_fields(
+            recompute, recompute_num_layers, vision.num_used_layers, TOWER_SELECTIVE
+        ),
     )
 
 
@@ -72,6 +79,39 @@ def _pooling_head(vision: VisionConfig, dtype: torch.dtype) -> nn.Module:
         hidden_act="gelu_pytorch_tanh",
     )
     return SiglipMultiheadAttentionPoolingHead(config).to(dtype)
+
+
+class TowerBlock(TransformerBlock):
+    """All of the checkpoint's encoder layers and its post-LayerNorm, under the names HF's
+    encoder gives them, of which `forward` runs the first `num_used` layers and not the norm.
+
+    The recomputation is Megatron's own: selective inside each layer, full through the block's
+    `_checkpointed_forward`, which walks `num_layers_per_pipeline_rank` layers (set here to the
+    used ones) exactly as it does for the decoder.
+    """
+
+    def __init__(self, config: TransformerConfig, spec, num_used: int):
+        super().__init__(config, spec=spec, post_layer_norm=True)
+        self.num_used = num_used
+        self.num_layers_per_pipeline_rank = num_used
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[s, b, h]` -> output of layer `num_used`; each of the b frames attends only to its own
+        patches (our core attention treats the batch dimension as separate samples)."""
+        if self.config.recompute_granularity == "full" and self.training:
+            return self._checkpointed_forward(
+                hidden_states=hidden_states,
+                attention_mask=None,
+                context=None,
+                context_mask=None,
+                rotary_pos_emb=None,
+                attention_bias=None,
+                packed_seq_params=None,
+                use_inner_quantization_context=False,
+            )
+        for layer in self.layers[: self.num_used]:
+            hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=None)
+        return hidden_states
 
 
 class SiglipVisionTower(MegatronModule):
@@ -103,9 +143,7 @@ class SiglipVisionTower(MegatronModule):
         self.position_embedding = nn.Embedding(
             vision.num_patches_per_side**2, vision.hidden_size, dtype=dtype
         )
-        self.encoder = TransformerBlock(
-            config, spec=transformer_layer_spec(backend, causal=False), post_layer_norm=True
-        )
+        self.encoder = TowerBlock(config, transformer_layer_spec(backend, causal=False), used)
         self.head = _pooling_head(vision, dtype) if vision.use_head else None
         self._freeze_unused()
 
@@ -129,9 +167,6 @@ class SiglipVisionTower(MegatronModule):
             )
         patches = self.patch_embedding(frames.to(self.patch_embedding.weight.dtype))
         hidden = patches.flatten(2).transpose(1, 2) + self.position_embedding.weight
-        # Megatron layers take [s, b, h]; our core attention treats each of the b frames as its
-        # own sample, so frames never attend to each other.
-        hidden = hidden.transpose(0, 1).contiguous()
-        for layer in self.encoder.layers[: self.num_used_layers]:
-            hidden, _ = layer(hidden_states=hidden, attention_mask=None)
+        # Megatron layers take [s, b, h], one frame per batch entry.
+        hidden = self.encoder(hidden.transpose(0, 1).contiguous())
         return hidden.transpose(0, 1)

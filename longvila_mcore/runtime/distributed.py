@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from longvila_mcore.config import ParallelConfig
 from longvila_mcore.runtime.device import check_flash_attn, retain_freed_host_memory
+from longvila_mcore.runtime.megatron_cpu import redirect_cuda_rng_to_cpu
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def init_model_parallel(parallel: ParallelConfig) -> int:
     # Imported here so `import longvila_mcore` (tools, data workers) does not load Megatron.
     from megatron.core import parallel_state
 
+    redirect_cuda_rng_to_cpu()
     world = dist.get_world_size()
     dp = parallel.data_parallel_size(world)
     if parallel_state.model_parallel_is_initialized():

@@ -35,6 +35,52 @@ def _no_op(*args, **kwargs) -> None:
     return None
 
 
+def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()  # a copy already, whatever `clone` asks
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_tracker_add(self, name: str, seed: int) -> None:
+    """`CudaRNGStatesTracker.add` with the new state drawn from a CPU generator of its own,
+    leaving the default generator untouched (as the original leaves the CUDA one)."""
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"cuda rng state {name} already exists")
+    self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+
+def redirect_cuda_rng_to_cpu() -> None:
+    """Point Megatron's CUDA RNG state calls at the CPU generator (idempotent; a no-op with CUDA).
+
+    Megatron's activation recomputation (tensor_parallel/random.py `CheckpointFunction`) saves
+    the RNG states before a recomputed piece and restores them before recomputing it, so dropout
+    draws the same masks twice; its RNG tracker (`fork`) swaps in the model-parallel stream. Both
+    read and write the CUDA generator; on CPU dropout draws from the CPU one. Called by
+    `runtime.init_model_parallel` (every Megatron model needs it) rather than at import, so that
+    `import longvila_mcore` does not load Megatron.
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random
+
+    # 3. `_get_cuda_rng_state` (CheckpointFunction via `_get_all_rng_states`, tracker `fork`)
+    #    calls `torch.cuda.random.get_rng_state`, which raises on a CPU build.
+    random._get_cuda_rng_state = _cpu_get_rng_state
+    # 4. `_set_cuda_rng_state` (restore before a recomputation, tracker `fork`) does not raise on
+    #    a CPU build: it queues a lazy CUDA call that never runs, so nothing is restored and every
+    #    call leaks its state tensor in `torch.cuda._queued_calls`.
+    random._set_cuda_rng_state = _cpu_set_rng_state
+    # 5. `CudaRNGStatesTracker.add` (model_parallel_cuda_manual_seed) reads the CUDA generator's
+    #    state directly through `torch.cuda.get_rng_state`, which raises on a CPU build.
+    random.CudaRNGStatesTracker.add = _cpu_tracker_add
+
+
 def enable_cpu_support() -> None:
     """Install the redirections (idempotent). A no-op when CUDA is available."""
     global _enabled
@@ -56,5 +102,4 @@ def enable_cpu_support() -> None:
     #    (dist_checkpointing/strategies/filesystem_async.py, torch.py) to order CUDA streams.
     #    There are no streams on a CPU build, so waiting for them is a no-op.
     torch.cuda.synchronize = _no_op
-
     _enabled = True
