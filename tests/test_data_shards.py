@@ -7,6 +7,8 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from longvila_mcore.data import shards as shards_module
-from longvila_mcore.data.shards import REJECTED, convert_llava, convert_tokens, shard_paths
+from longvila_mcore.data.shards import (
+    REJECTED,
+    convert_llava,
+    convert_tokens,
+    shard_paths,
+    write_shards,
+)
 from longvila_mcore.data.stream import expand_shards, index_shard
 from longvila_mcore.data.synthetic import encode_image, encode_video
 from longvila_mcore.data.tokenizer import train_tokenizer
@@ -121,6 +129,10 @@ def test_conversion_is_deterministic_whatever_the_workers_and_resumes(llava, tmp
         source, media, str(tmp_path / "b" / "x-%03d.tar"), samples_per_shard=3, workers=2
     )
     assert tar_bytes(one.pattern) == tar_bytes(two.pattern) and len(one.shards) == 4
+    for shard in one.shards:  # nothing of the time or the user in the headers
+        with tarfile.open(shard) as tar:
+            headers = {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar}
+        assert headers <= {(0, 0, 0, "bigdata", "bigdata", 0o444)}  # (the last is empty)
     assert (tmp_path / "a" / REJECTED).read_bytes() == (tmp_path / "b" / REJECTED).read_bytes()
 
     # Interrupted in the third shard: the first two stay as they are, the rest is completed.
@@ -147,6 +159,18 @@ def test_conversion_is_deterministic_whatever_the_workers_and_resumes(llava, tmp
     # Other settings into the same shards: refused, not mixed.
     with pytest.raises(ValueError, match="other input or settings"):
         convert_llava(source, media, out, samples_per_shard=2)
+
+
+def slow_first(item: tuple[int, object]) -> dict:
+    """A conversion whose first entry finishes last (module level: workers receive it pickled)."""
+    time.sleep(0.5 if item[0] == 0 else 0)
+    return {"__key__": f"{item[0]:09d}", "txt": str(item[1]).encode()}
+
+
+def test_workers_write_in_input_order(tmp_path):
+    summary = write_shards(range(6), 6, slow_first, str(tmp_path / "w-%d.tar"),
+                           samples_per_shard=6, workers=2, fingerprint="f")  # fmt: skip
+    assert [ref.key for ref in index_shard(summary.shards[0])] == [f"{i:09d}" for i in range(6)]
 
 
 @pytest.mark.parametrize(
@@ -193,7 +217,7 @@ def write_token_lines(path: Path, lines: int, length: int, vocab: int, bad: dict
 
 def test_token_lines_convert_with_bad_ids_named(tmp_path):
     source = tmp_path / "slim.jsonl"
-    write_token_lines(source, 7, 50, 290, bad={2: 300, 3: 298, 5: -1})
+    write_token_lines(source, 7, 50, 290, bad={2: 300, 3: 297, 5: -1})
     summary = convert_tokens(
         source, str(tmp_path / "t-%04d.tar"), 300, media_ids=[297, 298], samples_per_shard=3
     )
@@ -205,7 +229,7 @@ def test_token_lines_convert_with_bad_ids_named(tmp_path):
         (5, "doc5", "bad_token_ids"),
     ]
     assert rejected[0]["message"].startswith("line 3: token id 300 at position 25")
-    assert rejected[1]["message"].startswith("line 4: token id 298 at position 25")
+    assert rejected[1]["message"].startswith("line 4: token id 297 at position 25")
     assert rejected[2]["message"].startswith("line 6: token id -1 at position 25")
     lines = source.read_text().splitlines()
     for shard in expand_shards(summary.pattern):
