@@ -170,7 +170,7 @@ def main() -> None:
     print("one rank, one training step of the bench model (bench/memory.py docstring)")
     print(
         f"{'S':>6}{'frames':>7}{'recompute':>11}{'tensor MiB':>12}{'ratio':>7}"
-        f"{'act MiB':>9}{'ratio':>7}{'RSS MiB':>9}{'ratio':>7}{'time s':>8}"
+        f"{'act MiB':>9}{'ratio':>7}{'RSS MiB':>9}{'ratio':>7}{'CPU s':>7}"
     )
     for r in rows:
         b = base[r["seq"]]
