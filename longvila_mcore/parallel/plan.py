@@ -299,8 +299,9 @@ def _recomputed(saved_per_layer: int, layers: int, hidden: int, recompute: str) 
 
     none: everything each layer saves. full (Megatron's uniform, one layer a checkpoint): each
     layer's input, plus one layer's saved tensors while its backward recomputes it. selective
-    (Megatron's `core_attn`): the attention's own saved tensors are recomputed; its inputs q, k,
-    v stay as the checkpoint's inputs, so only the output and log-sum-exp go (`attention_out`).
+    (models/recompute.py: `core_attn` in the tower, `core_attn` and `mlp` in the decoder): the
+    attention's own saved tensors are recomputed; its inputs q, k, v stay as the checkpoint's
+    inputs, so only the output and log-sum-exp go; the decoder's MLP keeps only its input.
     """
     if recompute == "full":
         return layers * hidden + saved_per_layer
@@ -330,9 +331,14 @@ def memory(
     layers = llm.num_layers // layout.pp
     per_layer = decoder_layer_saved(model, layout)
     d = llm.hidden_size // llm.num_attention_heads
-    if layout.recompute == "selective":
-        per_layer -= (llm.num_attention_heads // layout.tp) * (d + 1)
-    kept = _recomputed(per_layer, layers, llm.hidden_size, layout.recompute)
+    recomputed = 0
+    if layout.recompute == "selective":  # the decoder's core attention and MLP
+        # attention output and log-sum-exp; fc1's output and fc2's input
+        recomputed = (llm.num_attention_heads // layout.tp) * (d + 1)
+        recomputed += 3 * llm.ffn_hidden_size // layout.tp
+    per_layer -= recomputed
+    # ... which one layer holds again while its backward runs
+    kept = _recomputed(per_layer, layers, llm.hidden_size, layout.recompute) + recomputed
     decoder = in_flight * kept * local * a
     if last:
         decoder += 2 * llm.hidden_size * local * a  # final norm: input and output
