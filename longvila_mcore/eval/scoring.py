@@ -70,7 +70,7 @@ def teacher_forced_batch(
     """The question about a video of `frames` (`[F, ...]`: pixels, or ids for a FrameCache)
     followed by the answer's tokens (`encode_text(tokenizer, answer)`), the only labels; padded
     to `pad_multiple`."""
-    prompt = render_prompt(tokenizer, question, "video")
+    prompt = render_prompt(tokenizer, question, ("video",))
     targets = [False] * len(prompt) + [True] * len(answer_ids)
     expanded = layout.expand(prompt + answer_ids, [frames.shape[0]], targets)
     sample = Sample(
