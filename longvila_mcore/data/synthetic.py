@@ -16,7 +16,7 @@ What is in it (images and videos are 56 x 56, videos at 2 frames a second):
   picture: colour, shape, side; an eighth a needle picture: colour and shape), a quarter about a
   short clip of a moving shape (colour, shape, direction), half about a needle
   video: a grey haystack (`haystack`) of 8 to `num_frames` frames with one needle picture
-  (`needle_picture`: one of 4 colours x 3 shapes, large and centred on black) at a random depth.
+  (`needle_picture`: one of 4 colours x 3 shapes, centred on black) at a random depth.
   A needle video asks both needle questions (`NEEDLE_QUESTIONS`: its colour and its shape, in a
   random order, each answered with one word) and sometimes when it appears (near the start, in
   the middle, near the end). The needle evaluation (`longvila_mcore.eval`) asks the same
@@ -242,15 +242,22 @@ def haystack(rng: np.random.Generator, num_frames: int) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+NEEDLE_SIZES = {"square": 24, "circle": 13, "triangle": 24}
+"""Half-sizes of the needle shapes. The tiny tower sees a frame as 2 x 2 tokens of 28 x 28
+pixels, so the shapes differ there: a large square fills about three quarters of every token, a
+small circle a sixth of each, a large triangle (pointing up) a sixth of the top two and more than
+half of the bottom two. Shapes of one size differed too little for it to learn (shape answers
+at chance while colours were right)."""
+
+
 def needle_picture(colour: str, shape: str) -> np.ndarray:
-    """uint8 `[56, 56, 3]`: a `colour` `shape` of half-size 22, centred on black. Large so that
-    the shapes differ in every 14-pixel patch the tiny tower sees at the frame's edges."""
+    """uint8 `[56, 56, 3]`: a `colour` `shape` (`NEEDLE_SIZES`) centred on black."""
     if colour not in COLOURS or shape not in SHAPES:
         raise ValueError(
             f"needle {colour} {shape}: colour one of {list(COLOURS)}, shape of {SHAPES}"
         )
     image = np.full((SIZE, SIZE, 3), BACKGROUNDS["black"], np.uint8)
-    draw_shape(image, shape, COLOURS[colour], SIZE // 2, SIZE // 2, 22)
+    draw_shape(image, shape, COLOURS[colour], SIZE // 2, SIZE // 2, NEEDLE_SIZES[shape])
     return image
 
 

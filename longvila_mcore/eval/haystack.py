@@ -7,7 +7,7 @@ drifting blocks of the synthetic training videos (`data.synthetic.haystack` with
 
 Needles: a folder (docs/needle_eval.md: `needles.json`, a list of `{"image", "question",
 "answer"}`, images relative to the folder), or the generated set of 12: the synthetic needle
-pictures (one of 4 colours x 3 shapes, large and centred on black), even indices asking the
+pictures (one of 4 colours x 3 shapes, centred on black), even indices asking the
 colour, odd ones the shape, with the training data's questions and one-word answers.
 """
 
