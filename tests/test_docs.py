@@ -23,8 +23,13 @@ CLIS = [
     (["-m", "longvila_mcore.generate"], "evaluation.md"),
     (["tools/convert_checkpoint.py", "hf-to-mcore"], "checkpoints.md"),
     (["tools/convert_checkpoint.py", "mcore-to-hf"], "checkpoints.md"),
+    (["-m", "longvila_mcore.eval.needle"], "needle_eval.md"),
+    (["tools/plan_parallelism.py"], "cluster.md"),
+    (["tools/make_shards.py", "llava"], "data_format.md"),
+    (["tools/make_shards.py", "tokens"], "data_format.md"),
 ]
 
+SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', re.M)
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
@@ -38,13 +43,16 @@ def help_options(command: list[str]) -> set[str]:
         text=True,
         check=True,
     ).stdout
-    return set(OPTION.findall(out)) - {"--help"}
+    return set(OPTION.findall(out)) - {"--help", "--nproc-per-node"}  # torchrun's, in usage
 
 
 def documented_options(page: str) -> set[str]:
     """Options in the first cell of the page's table rows (its option tables)."""
     found = set()
-    for line in (DOCS / page).read_text().splitlines():
+    text = (DOCS / page).read_text()
+    for include in SNIPPET.findall(text):  # pages may include a file kept beside the code
+        text += (ROOT / include).read_text()
+    for line in text.splitlines():
         if line.startswith("| `"):
             found |= set(OPTION.findall(line.split("|")[1]))
     return found
@@ -70,3 +78,15 @@ def test_every_documented_option_exists(page, options):
     accepted = set().union(*(options[tuple(cmd)] for cmd, p in CLIS if p == page))
     stale = documented_options(page) - accepted
     assert not stale, f"docs/{page} documents {sorted(stale)}, which no command line accepts"
+
+
+def test_mmsp_figure_is_current():
+    """docs/figures/mmsp_layout.svg is what its script draws from today's sharding code."""
+    sys.path.insert(0, str(DOCS / "figures"))
+    try:
+        import mmsp_layout
+    finally:
+        sys.path.pop(0)
+    assert mmsp_layout.OUT.read_text() == mmsp_layout.render(), (
+        "the sharding changed: run `python docs/figures/mmsp_layout.py` and commit the SVG"
+    )
