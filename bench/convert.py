@@ -12,7 +12,7 @@ descendants (ranks, dist_checkpointing's forked writers and queue manager), whic
 shared page once (the forked writers share their rank's memory), and the peak RSS of the largest
 single process. Prints a table and writes bench/results/convert.json.
 
-    python bench/convert.py [--cache DIR] [--keep]
+    python bench/convert.py [--cache DIR] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def main() -> None:
     default_cache = Path(os.environ.get("LONGVILA_CACHE", Path.home() / ".cache/longvila_mcore"))
     parser.add_argument("--cache", type=Path, default=default_cache / "bench")
     parser.add_argument("--keep", action="store_true", help="keep the converted checkpoints")
+    parser.add_argument("--json", action="store_true", help="end stdout with the results as JSON")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     hf = checkpoint_1_5b(args.cache)
@@ -162,6 +163,8 @@ def main() -> None:
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")
+    if args.json:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

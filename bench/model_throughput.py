@@ -7,7 +7,7 @@ allocator setting) apply to both; the steps are interleaved. Each side computes 
 trains: HF takes logits at every position, ours only at target positions. Prints a table of
 tokens/s and the ratio ours / HF, and writes bench/results/model_throughput.json.
 
-    python bench/model_throughput.py [--lengths 1024 2048 4096] [--threads 2]
+    python bench/model_throughput.py [--lengths 1024 2048 4096] [--threads 2] [--json]
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--json", action="store_true", help="end stdout with the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     init_distributed(torch.device("cpu"))
@@ -157,9 +158,10 @@ def main() -> None:
         )
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model_throughput.json").write_text(
-        json.dumps({"threads": args.threads, "rows": rows}, indent=2)
-    )
+    result = {"threads": args.threads, "rows": rows}
+    (out / "model_throughput.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
