@@ -262,7 +262,7 @@ def test_recompute_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_node_data_parallel_launch_matches_one_process(tmp_path, reference):
+def test_two_node_data_parallel_launch_matches_one_process(tmp_path, reference, single_rank):
     """`launch/torchrun.sh` on two "nodes" of one process each (gloo over loopback): data
     parallel 2 with the distributed optimizer (the default) and the same global batch gives
     the one-process losses and gradient norms, also after stopping at step 3 and resuming
