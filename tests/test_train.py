@@ -299,8 +299,10 @@ def test_two_node_data_parallel_launch_matches_one_process(tmp_path, reference, 
     final = "checkpoints/step_0000006"
     ours, theirs = _model_tensors(out / final), _model_tensors(reference / final)
     assert ours.keys() == theirs.keys()
+    # One step moves weights by about the learning rate (8e-4 in the tiny recipe); dp 2 and one
+    # process differ by 1e-6 at most after 6 steps, a stale shard by a whole step.
     for key, tensor in ours.items():
-        assert torch.allclose(tensor, theirs[key], rtol=1e-5, atol=1e-7), key
+        assert torch.allclose(tensor, theirs[key], rtol=0, atol=1e-5), key
 
 
 # --- exact resume -----------------------------------------------------------------------------
