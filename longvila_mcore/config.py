@@ -217,7 +217,10 @@ class StageConfig:
     lr: float = 2e-5
     """Peak learning rate."""
     lr_schedule: str = "cosine"
-    """`cosine` (to zero at train.max_steps) or `constant`, both after a linear warm-up."""
+    """`cosine` (to `min_lr` at train.max_steps) or `constant`, both after a linear warm-up
+    (Megatron's OptimizerParamScheduler)."""
+    min_lr: float = 0.0
+    """Where the cosine schedule ends."""
     warmup_ratio: float = 0.0
     """Warm-up length as a fraction of train.max_steps (used when warmup_steps is 0)."""
     warmup_steps: int = 0
@@ -242,6 +245,8 @@ class StageConfig:
             raise ValueError(f"stage.data_kind={self.data_kind!r} must be one of {DATA_KINDS}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"stage.lr_schedule={self.lr_schedule!r} must be cosine or constant")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"stage.min_lr={self.min_lr} must be between 0 and stage.lr={self.lr}")
 
 
 @dataclass
@@ -258,6 +263,12 @@ class TrainConfig:
     """Seeds weight initialisation and the data order."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping threshold (0: off)."""
+    distributed_optimizer: bool = True
+    """Megatron's distributed optimizer: fp32 master weights and Adam state sharded over the
+    data-parallel x sequence-parallel ranks (each holds 1 / (dp x ulysses x ring) of them)."""
+    overlap_communication: bool = True
+    """Reduce gradients bucket by bucket while the backward pass still runs and, with the
+    distributed optimizer, all-gather the updated parameters during the next forward."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8

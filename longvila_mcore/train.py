@@ -94,7 +94,6 @@ def _starting_point(
 def train(config: Config, token_order: str | None = None) -> None:
     """One stage; `token_order` is an explicit `model.token_order` (see _explicit_token_order)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from longvila_mcore.checkpoint.load import fill_weights
     from longvila_mcore.checkpoint.resume import resume_train_checkpoint, save_train_checkpoint
@@ -102,8 +101,12 @@ def train(config: Config, token_order: str | None = None) -> None:
     from longvila_mcore.models.longvila import LongVILAModel
     from longvila_mcore.runtime import init_model_parallel
     from longvila_mcore.training.metrics import MetricsWriter
-    from longvila_mcore.training.optimizer import Optimizer
-    from longvila_mcore.training.schedule import learning_rate
+    from longvila_mcore.training.step import (
+        build_optimizer,
+        gather_parameters,
+        train_step,
+        wrap_model,
+    )
 
     stage, parallel, train_cfg = config.stage, config.parallel, config.train
     device = default_device()
@@ -128,11 +131,14 @@ def train(config: Config, token_order: str | None = None) -> None:
 
     # --- model, optimizer, data
     torch.manual_seed(train_cfg.seed)
+    # Weights a checkpoint fills are not drawn at random first.
+    fresh = resume is None and load is None
     model = LongVILAModel(
         model_cfg,
         parallel,
         device,
         dtype,
+        initialize=fresh,
         recompute=train_cfg.recompute,
         recompute_num_layers=train_cfg.recompute_num_layers,
     ).to(device)
@@ -141,20 +147,8 @@ def train(config: Config, token_order: str | None = None) -> None:
         log.info("loaded weights from %s", load)
     parts = set(stage.trainable)
     model.set_trainable("vision_tower" in parts, "mm_projector" in parts, "llm" in parts)
-    model.config.calculate_per_token_loss = True  # gradients are summed, not averaged, over dp x sp
-    ddp = DistributedDataParallel(
-        model.config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-        model,
-    )
-    optimizer = Optimizer(
-        ddp,
-        stage.lr,
-        stage.weight_decay,
-        (train_cfg.adam_beta1, train_cfg.adam_beta2),
-        train_cfg.adam_eps,
-        train_cfg.clip_grad,
-    )
+    ddp = wrap_model(model, train_cfg)
+    optimizer, scheduler = build_optimizer(ddp, stage, train_cfg, dtype)
     pipeline = build_pipeline(
         config.data,
         stage.data_kind,
@@ -174,6 +168,7 @@ def train(config: Config, token_order: str | None = None) -> None:
     if resume is not None:
         step, data_state = resume_train_checkpoint(resume, model, optimizer, pipeline.state_dict())
         pipeline.load_state_dict(data_state)
+        scheduler.step(increment=step)  # the schedule is a function of the step
         log.info("resumed from %s after step %d", resume, step)
         if step >= train_cfg.max_steps:
             log.info("already at train.max_steps=%d: nothing to do", train_cfg.max_steps)
@@ -183,7 +178,6 @@ def train(config: Config, token_order: str | None = None) -> None:
 
     # --- the loop
     dp_group = parallel_state.get_data_parallel_group()
-    dp_sp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     metrics = MetricsWriter(
         output_dir, step, train_cfg.max_steps, train_cfg.log_interval, config.run.tensorboard, rank0
     )
@@ -209,25 +203,14 @@ def train(config: Config, token_order: str | None = None) -> None:
             raise ValueError(
                 f"step {step + 1} has no target tokens: check the data and stage.data_kind"
             )
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for batch in micro_batches:
-            local_sum, _ = model.loss(batch)  # DDP's gradient hooks sit on the parameters
-            (local_sum / num_targets).backward()
-            loss_sum += local_sum.detach()
-        ddp.finish_grad_sync()
-        dist.all_reduce(loss_sum, group=dp_sp_group)
-        lr = learning_rate(stage, step, train_cfg.max_steps) * train_cfg.lr_scale
-        optimizer.set_lr(lr)
-        grad_norm = optimizer.step()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
+        result = train_step(ddp, optimizer, scheduler, micro_batches)
         step += 1
         metrics.write(
             {
                 "step": step,
-                "loss": loss_sum.item() / num_targets,
-                "lr": lr,
-                "grad_norm": grad_norm,
+                "loss": result.loss_sum / num_targets,
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
                 "tokens": tokens,
                 "step_time_s": time.perf_counter() - start,
                 "skipped_samples": skipped,
@@ -235,6 +218,7 @@ def train(config: Config, token_order: str | None = None) -> None:
         )
         interval = config.checkpoint.save_interval
         if step == train_cfg.max_steps or (interval and step % interval == 0):
+            gather_parameters(ddp)
             save_train_checkpoint(
                 output_dir,
                 step,

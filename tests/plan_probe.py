@@ -58,11 +58,11 @@ def video_batch(tokens: int, frames: int, targets: int, tokens_per_frame: int, i
 def measure_peak(model_cfg, parallel, work, steps: int = 2) -> float:
     """Bytes: the largest over ranks of (peak resident size during `steps` steps - baseline)."""
     import torch.distributed as dist
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from longvila_mcore.config import StageConfig, TrainConfig
     from longvila_mcore.models.longvila import LongVILAModel
     from longvila_mcore.runtime import init_model_parallel
-    from longvila_mcore.training.optimizer import Optimizer
+    from longvila_mcore.training.step import build_optimizer, train_step, wrap_model
 
     libc = ctypes.CDLL("libc.so.6")
     if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 16) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 16)):
@@ -84,23 +84,14 @@ def measure_peak(model_cfg, parallel, work, steps: int = 2) -> float:
     model = LongVILAModel(model_cfg, parallel, torch.device("cpu"))
     parts = set(work.trainable)
     model.set_trainable("vision_tower" in parts, "mm_projector" in parts, "llm" in parts)
-    model.config.calculate_per_token_loss = True
-    ddp = DistributedDataParallel(
-        model.config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-        model,
-    )
-    # clip_grad=0: this optimizer's clipping writes scaled copies of all gradients, which
-    # Megatron's optimizer (scaling in place) will not; the planner models the latter.
-    optimizer = Optimizer(ddp, 1e-4, 0.0, clip_grad=0.0)
+    # Megatron's non-distributed optimizer, which the planner models (clipping scales the
+    # gradients in place).
+    train = TrainConfig(max_steps=steps, distributed_optimizer=False, overlap_communication=False)
+    ddp = wrap_model(model, train)
+    optimizer, scheduler = build_optimizer(ddp, StageConfig(lr=1e-4), train, torch.float32)
     model.train()
     for _ in range(steps):
-        loss_sum, _ = model.loss(batch)
-        (loss_sum / max(batch.num_targets, 1)).backward()
-        ddp.finish_grad_sync()
-        optimizer.step()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
+        train_step(ddp, optimizer, scheduler, [batch])
     peak = torch.tensor(float(_status_kib("VmHWM") - baseline) * 1024)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return peak.item()

@@ -3,6 +3,8 @@
 import ast
 import importlib
 import inspect
+import textwrap
+import types
 
 import megatron.core
 import pytest
@@ -163,3 +165,47 @@ def test_checkpoint_redraws_the_same_dropout(cpu_rng):
     torch.manual_seed(2)
     tensor_parallel.checkpoint(f, False, x).pow(2).sum().backward()
     assert torch.equal(x.grad, direct)
+
+
+# --- the training step's redirections (optimizer, gradient clipping, schedules) ----------------
+
+
+def _released_code(module: str, qualname: str):
+    """The code object of `module.qualname` compiled afresh from the installed source, so the
+    check sees Megatron's file whether or not the redirection already ran in this process."""
+    fn = megatron_cpu.training_function(module, qualname)
+    source = textwrap.dedent(inspect.getsource(fn))
+    compiled = compile(source, inspect.getsourcefile(fn), "exec")
+    return next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
+
+
+@pytest.mark.parametrize("site", sorted(megatron_cpu.TRAINING_CUDA_LITERALS))
+def test_training_cuda_literals_are_where_we_redirect_them(site):
+    """Each redirected function holds exactly the CUDA constants listed: an upgrade that adds,
+    moves or removes one fails here instead of crashing or silently running elsewhere."""
+    expected = megatron_cpu.TRAINING_CUDA_LITERALS[site]
+    assert megatron_cpu.cuda_literals(_released_code(*site)) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is inactive with CUDA")
+def test_training_redirections_run_on_cpu_and_stay_narrow():
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    megatron_cpu.enable_cpu_training_support()
+    for site in megatron_cpu.TRAINING_CUDA_LITERALS:
+        assert megatron_cpu.cuda_literals(megatron_cpu.training_function(*site).__code__) == set()
+
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
+    norm, _ = local_multi_tensor_l2_norm(2048, None, [grads], False)  # returned on 'cuda' before
+    assert norm.device.type == "cpu" and norm.item() == pytest.approx(5.0)
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])  # asserted to be a 'torch.cuda.FloatTensor' before
+    clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=5.0)
+    assert torch.allclose(param.grad, torch.tensor([0.6, 0.8]), rtol=1e-5)
+
+    # Only those functions changed: torch itself still names and places tensors as usual.
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")

@@ -1,12 +1,13 @@
 """Training checkpoints: the whole train state in one distributed checkpoint, and resuming it.
 
-`<output_dir>/checkpoints/step_<N>/` holds the model, the optimizer (sharded like the
-parameters), the step, every rank's RNG state and every data-parallel rank's data position.
+`<output_dir>/checkpoints/step_<N>/` holds the model, Megatron's optimizer state (sharded like
+the parameters, whether the optimizer is distributed or not), the step, every rank's RNG state and every data-parallel rank's data position.
 A run started again with the same output_dir continues from the latest complete one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -15,7 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
+from megatron.core.optimizer import MegatronOptimizer
 
 from longvila_mcore.checkpoint.dist import (
     INCOMPLETE,
@@ -53,6 +56,8 @@ def _layout() -> dict[str, int]:
     return {
         "world_size": dist.get_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
     }
 
 
@@ -80,6 +85,84 @@ def _per_rank_objects(data_state: dict, rng: dict) -> dict:
     }
 
 
+def _per_layer(sharded):
+    """A layer's own ShardedTensor instead of its slot in the stack of all layers.
+
+    Megatron saves the same tensor of every layer as one stacked tensor (a prepended layer
+    axis). When only some layers learn (the tower's unused layers stay frozen), the optimizer
+    holds state for part of the stack, which is not a valid sharding; per-layer keys are.
+    """
+    if not isinstance(sharded, ShardedTensor) or sharded.prepend_axis_num == 0:
+        return sharded
+    n = sharded.prepend_axis_num
+    layer = ".".join(str(i) for i in sharded.global_offset[:n])
+    return dataclasses.replace(
+        sharded,
+        key=f"{sharded.key}.layer{layer}",
+        global_shape=sharded.global_shape[n:],
+        global_offset=sharded.global_offset[n:],
+        axis_fragmentations=sharded.axis_fragmentations[n:],
+        prepend_axis_num=0,
+    )
+
+
+def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Give torch's AdamW its state before a checkpoint is loaded into it.
+
+    AdamW creates its state on the first step, and without apex / Transformer Engine Megatron's
+    sharded state dict reads the step count from that state. One step with zero gradients at
+    zero learning rate and weight decay creates it and leaves every weight bitwise unchanged.
+    """
+    for inner in optimizer.chained_optimizers:
+        adam = inner.optimizer
+        if adam is None or adam.state:
+            continue
+        settings = [(group["lr"], group["weight_decay"]) for group in adam.param_groups]
+        for group in adam.param_groups:
+            group["lr"] = group["weight_decay"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        adam.step()
+        for group, (lr, weight_decay) in zip(adam.param_groups, settings, strict=True):
+            group["lr"], group["weight_decay"] = lr, weight_decay
+            for param in group["params"]:
+                param.grad = None
+
+
+def _restore_step_counts(optimizer: MegatronOptimizer, loaded: dict) -> None:
+    """AdamW's step count (bias correction) as saved, one tensor per parameter.
+
+    Without apex / Transformer Engine, Megatron's distributed optimizer saves the count in its
+    parameter groups but, loading `dp_reshardable` state, copies the placeholder's count (from
+    `_allocate_optimizer_state`) over it; and it restores counts as one tensor shared by every
+    parameter, which AdamW would advance once per parameter and step.
+    """
+    groups = loaded.get("optimizer", {}).get("param_groups", [])
+    saved = {float(g["step"]) for g in groups if g.get("step") is not None}
+    if len(saved) > 1:
+        raise CheckpointError(f"the optimizer state holds several step counts {sorted(saved)}")
+    for inner in optimizer.chained_optimizers:
+        for state in inner.optimizer.state.values() if inner.optimizer else ():
+            if torch.is_tensor(state.get("step")):
+                count = next(iter(saved)) if saved else float(state["step"])
+                state["step"] = torch.tensor(count)
+
+
+def _optimizer_state(optimizer: MegatronOptimizer, model, is_loading: bool) -> dict:
+    """Megatron's sharded optimizer state. A non-distributed optimizer's is keyed by the
+    (per-layer) parameters it belongs to. The distributed optimizer's is its own buckets
+    (`dp_reshardable`: written and read in parallel without gathering, same tp / pp layout;
+    Megatron 0.16's formats that reshard over tp / pp gather on CUDA or are unsupported)."""
+    if is_loading:
+        _allocate_optimizer_state(optimizer)
+    per_layer = dict_list_map_outplace(_per_layer, model.sharded_state_dict())
+    return optimizer.sharded_state_dict(
+        per_layer,
+        is_loading=is_loading,
+        metadata={"distrib_optim_sharding_type": "dp_reshardable"},
+    )
+
+
 def save_train_checkpoint(
     output_dir: Path,
     step: int,
@@ -93,7 +176,7 @@ def save_train_checkpoint(
     """Save everything needed to continue after `step` optimizer steps; prune old ones."""
     path = checkpoint_path(output_dir, step)
     extra = {
-        "optimizer": optimizer.sharded_state_dict(model.sharded_state_dict()),
+        "optimizer": _optimizer_state(optimizer, model, is_loading=False),
         "train_state": {"step": step},
         **_per_rank_objects(data_state, _rng_state()),
     }
@@ -120,17 +203,29 @@ def resume_train_checkpoint(path: Path, model, optimizer, data_state: dict) -> t
             f"{layout['dp']}: resume with the same layout, or start a new run.output_dir with "
             f"checkpoint.load={path}"
         )
+    model_parallel = {k: meta.get(k, 1) for k in ("tp", "pp")}
+    if optimizer.config.use_distributed_optimizer and model_parallel != {
+        k: layout[k] for k in ("tp", "pp")
+    }:
+        raise CheckpointError(
+            f"{path} was written with {model_parallel}, this run has tp={layout['tp']}, "
+            f"pp={layout['pp']}: the distributed optimizer's state resumes only under the same "
+            "layout; resume with it, or start a new run.output_dir with "
+            f"checkpoint.load={path}"
+        )
     objects = _per_rank_objects(data_state, _rng_state())
     if meta.get("world_size") != layout["world_size"]:
         objects.pop("rng")
         log.info("world size changed since %s: RNG states are not restored", path)
     extra = {
-        "optimizer": optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True),
+        "optimizer": _optimizer_state(optimizer, model, is_loading=True),
         "train_state": {"step": 0},
         **objects,
     }
     state = load_checkpoint(path, model, extra)
-    optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32 master weights are views of the parameters themselves
+        optimizer.load_state_dict(state["optimizer"])
+    _restore_step_counts(optimizer, state["optimizer"])
     if "rng" in state:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"]:

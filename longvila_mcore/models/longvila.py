@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import (
     copy_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
@@ -30,6 +31,8 @@ from longvila_mcore.runtime import spec_backend
 
 class LongVILAModel(MegatronModule):
     """Tower and projector (first pipeline stage), decoder, and the sharder that joins them."""
+
+    model_type = ModelType.encoder_or_decoder  # what Megatron's schedules ask of a model
 
     def __init__(
         self,
@@ -79,6 +82,10 @@ class LongVILAModel(MegatronModule):
             twin = LongVILAModel(cfg, parallel, device, dtype, self.pre_process, self.post_process)
         for param, marked in zip(self.parameters(), twin.parameters(), strict=True):
             copy_tensor_model_parallel_attributes(param, marked)
+
+    def set_input_tensor(self, input_tensor: list[torch.Tensor | None]) -> None:
+        """The previous pipeline stage's output (Megatron's schedules call this every step)."""
+        self.llm.set_input_tensor(input_tensor)
 
     def set_trainable(self, vision_tower: bool, mm_projector: bool, llm: bool) -> None:
         """Freeze or unfreeze each part (the tower's unused layers always stay frozen)."""

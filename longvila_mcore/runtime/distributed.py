@@ -12,7 +12,10 @@ import torch.distributed as dist
 
 from longvila_mcore.config import ParallelConfig
 from longvila_mcore.runtime.device import check_flash_attn, retain_freed_host_memory
-from longvila_mcore.runtime.megatron_cpu import redirect_cuda_rng_to_cpu
+from longvila_mcore.runtime.megatron_cpu import (
+    enable_cpu_training_support,
+    redirect_cuda_rng_to_cpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ def init_model_parallel(parallel: ParallelConfig) -> int:
     from megatron.core import parallel_state
 
     redirect_cuda_rng_to_cpu()
+    enable_cpu_training_support()  # every Megatron user starts here
     world = dist.get_world_size()
     dp = parallel.data_parallel_size(world)
     if parallel_state.model_parallel_is_initialized():

@@ -10,6 +10,8 @@ Nothing here runs when CUDA is available: on GPU, Megatron-Core is used unmodifi
 
 from __future__ import annotations
 
+import importlib
+import types
 import warnings
 
 import torch
@@ -103,3 +105,124 @@ def enable_cpu_support() -> None:
     #    There are no streams on a CPU build, so waiting for them is a no-op.
     torch.cuda.synchronize = _no_op
     _enabled = True
+
+
+# --- the training step: optimizer, gradient clipping, schedules -------------------------------
+
+# Functions of Megatron's training machinery (module, qualified name) that hard-code CUDA as
+# string constants, with the constants each holds. `_redirect_training_cuda_literals` swaps them
+# for their CPU counterparts in these functions only; tests/test_megatron_cpu.py checks that each
+# function still holds exactly these constants.
+TRAINING_CUDA_LITERALS = {
+    # found_inf / overflow buffer / scale-one tensors made with device='cuda' (473, 481, 485)
+    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer.__init__"): {"cuda"},
+    # the FP32 optimizer's `_scale` tensor (907)
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__"): {"cuda"},
+    # bf16 without the distributed optimizer: parameters sorted by CUDA tensor type (671, 690)
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"): {
+        "torch.cuda.HalfTensor",
+        "torch.cuda.BFloat16Tensor",
+        "torch.cuda.FloatTensor",
+    },
+    # the distributed optimizer sorts its shards by CUDA tensor type (361, 420, 582)
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer._build_model_and_main_param_groups",
+    ): {"torch.cuda.HalfTensor", "torch.cuda.BFloat16Tensor", "torch.cuda.FloatTensor"},
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"): {
+        "torch.cuda.HalfTensor",
+        "torch.cuda.BFloat16Tensor",
+    },
+    # the gradient norm's buffers (90, 103, 115) and, on every clipped step, the assertion that
+    # gradients are torch.cuda.FloatTensor plus the scaling's overflow buffer (167, 174)
+    ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32"): {"cuda"},
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"): {
+        "torch.cuda.FloatTensor",
+        "cuda",
+    },
+    ("megatron.core.optimizer.clip_grads", "count_zeros_fp32"): {"cuda"},
+    # the fallback of apex's multi_tensor_l2norm (no apex / TE) returns its result on 'cuda' (1207)
+    ("megatron.core.utils", "local_multi_tensor_l2_norm"): {"cuda"},
+    # the token counter of every schedule, pp = 1 included (596, 983, 2138)
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining"): {"cuda"},
+    (
+        "megatron.core.pipeline_parallel.schedules",
+        "forward_backward_pipelining_with_interleaving",
+    ): {"cuda"},
+    (
+        "megatron.core.pipeline_parallel.schedules",
+        "forward_backward_pipelining_without_interleaving",
+    ): {"cuda"},
+}
+
+
+def _cpu_literal(value: object) -> object:
+    """The CPU counterpart of a CUDA string constant: the device 'cuda' and the tensor type
+    names 'torch.cuda.FloatTensor' etc. (what `Tensor.type()` answers); anything else as is."""
+    if value == "cuda":
+        return "cpu"
+    if isinstance(value, str) and value.startswith("torch.cuda.") and value.endswith("Tensor"):
+        return "torch." + value.removeprefix("torch.cuda.")
+    if isinstance(value, tuple):  # `x in [a, b]` compiles to a tuple constant
+        return tuple(_cpu_literal(v) for v in value)
+    if isinstance(value, types.CodeType):  # comprehensions and nested functions
+        return _cpu_code(value)
+    return value
+
+
+def _cpu_code(code: types.CodeType) -> types.CodeType:
+    return code.replace(co_consts=tuple(_cpu_literal(c) for c in code.co_consts))
+
+
+def cuda_literals(code: types.CodeType) -> set[str]:
+    """The CUDA string constants `_cpu_literal` replaces in `code` (nested code included)."""
+    found = set()
+    for value in code.co_consts:
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, types.CodeType):
+                found |= cuda_literals(v)
+            elif isinstance(v, str) and _cpu_literal(v) != v:
+                found.add(v)
+    return found
+
+
+def training_function(module: str, qualname: str) -> types.FunctionType:
+    """The plain function behind `module.qualname` (a function, method or classmethod)."""
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "__func__", obj)
+
+
+_training_enabled = False
+
+
+def enable_cpu_training_support() -> None:
+    """Install the redirections of the training step (idempotent; a no-op when CUDA is
+    available). Separate from `enable_cpu_support` because it imports Megatron's optimizer and
+    schedules, which `import longvila_mcore` must not (tools, data workers)."""
+    global _training_enabled
+    if _training_enabled or torch.cuda.is_available():
+        return
+    enable_cpu_support()
+    _redirect_training_cuda_literals()
+    _training_enabled = True
+
+
+def _redirect_training_cuda_literals() -> None:
+    """Megatron's optimizer, gradient clipping and pipeline schedules allocate small tensors
+    with `device='cuda'` and check parameter types against 'torch.cuda.*Tensor' names
+    (TRAINING_CUDA_LITERALS). In exactly those functions, the constants become their CPU
+    counterparts: the function objects stay the same (every module that imported them sees the
+    change), and nothing else in torch or Megatron is touched."""
+    for (module, qualname), expected in TRAINING_CUDA_LITERALS.items():
+        fn = training_function(module, qualname)
+        found = cuda_literals(fn.__code__)
+        if found != expected:  # a different release: do not guess, fail where it is obvious
+            raise RuntimeError(
+                f"{module}.{qualname} holds the CUDA constants {sorted(found)}, not "
+                f"{sorted(expected)}: megatron-core is not {PINNED_MEGATRON_CORE}; re-check "
+                "runtime/megatron_cpu.py"
+            )
+        fn.__code__ = _cpu_code(fn.__code__)

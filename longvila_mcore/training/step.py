@@ -1,0 +1,175 @@
+"""One optimizer step on Megatron-Core's own machinery.
+
+Megatron's DDP holds the gradients in contiguous buffers; its schedule
+(`get_forward_backward_func`) runs forward and backward over the step's micro-batches;
+`finalize_model_grads` reduces the gradients over data- and sequence-parallel ranks and divides
+them by the global number of target tokens; its optimizer (distributed or not) clips and steps;
+`OptimizerParamScheduler` sets the learning rate and weight decay (none on biases and norms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from longvila_mcore.config import StageConfig, TrainConfig
+from longvila_mcore.data.batch import Batch
+from longvila_mcore.models.longvila import LongVILAModel
+
+
+def wrap_model(model: LongVILAModel, train: TrainConfig) -> DistributedDataParallel:
+    """Megatron's DDP around `model`, and the hooks its schedule calls on the model's config.
+
+    Gradients are summed (not averaged) over data- and sequence-parallel ranks and divided once
+    by the global target count in `finalize_model_grads` (`calculate_per_token_loss`), so the
+    loss is the mean over every target token of the global batch (REFERENCE 5.4).
+    """
+    config = model.config
+    config.calculate_per_token_loss = True
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=train.overlap_communication,
+            overlap_param_gather=train.overlap_communication and train.distributed_optimizer,
+            use_distributed_optimizer=train.distributed_optimizer,
+        ),
+        model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync  # accumulate over micro-batches, reduce after the last
+    return ddp
+
+
+def gather_parameters(ddp: DistributedDataParallel) -> None:
+    """Bring every rank's parameters up to date now (before a checkpoint): with the
+    distributed optimizer and overlapping, each rank updates only its shard and the all-gather
+    of the others runs during the next forward."""
+    if ddp.ddp_config.overlap_param_gather:
+        ddp.start_param_sync(force_sync=True)
+
+
+def warmup_steps(stage: StageConfig, max_steps: int) -> int:
+    if stage.warmup_steps > 0:
+        return stage.warmup_steps
+    return math.ceil(stage.warmup_ratio * max_steps)
+
+
+def build_optimizer(
+    ddp: DistributedDataParallel, stage: StageConfig, train: TrainConfig, dtype: torch.dtype
+) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    """AdamW (sharded over data x sequence-parallel ranks with `train.distributed_optimizer`)
+    and its learning-rate / weight-decay schedule.
+
+    Step n (1-based) runs at the schedule's value for n: a linear warm-up whose first step
+    already learns (lr / warmup), then constant, or cosine to `stage.min_lr` at
+    `train.max_steps`, both rates times `train.lr_scale`. Biases and 1-D parameters (norms) get no weight decay (Megatron's
+    default parameter groups).
+    """
+    if not any(p.requires_grad for p in ddp.parameters()):
+        raise ValueError("no trainable parameters: check stage.trainable")
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=stage.lr * train.lr_scale,
+            min_lr=stage.min_lr * train.lr_scale,
+            weight_decay=stage.weight_decay,
+            adam_beta1=train.adam_beta1,
+            adam_beta2=train.adam_beta2,
+            adam_eps=train.adam_eps,
+            clip_grad=train.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=train.distributed_optimizer,
+            overlap_param_gather=ddp.ddp_config.overlap_param_gather,
+        ),
+        [ddp],
+        use_gloo_process_groups=False,  # the groups themselves are gloo on CPU, NCCL on GPU
+    )
+    warmup = warmup_steps(stage, train.max_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=stage.lr * train.lr_scale,
+        min_lr=stage.min_lr * train.lr_scale,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(train.max_steps, warmup + 1),  # Megatron wants decay after warm-up
+        lr_decay_style=stage.lr_schedule,
+        start_wd=stage.weight_decay,
+        end_wd=stage.weight_decay,
+        wd_incr_steps=train.max_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _loss_func(
+    num_targets: torch.Tensor, loss_sum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron's per-token loss contract: (sum of this shard's token losses, its target
+    count, what to report); the schedule backpropagates the sum."""
+    return loss_sum, num_targets.int(), {"loss_sum": loss_sum.detach()}
+
+
+def forward_step(batches: Iterator[Batch], model: DistributedDataParallel):
+    """Megatron's forward-step contract: this rank's output and the function that turns it
+    into a loss."""
+    loss_sum, num_targets = model.module.loss(next(batches))
+    return loss_sum, partial(_loss_func, num_targets)
+
+
+@dataclass
+class StepResult:
+    loss_sum: float
+    """Sum of the token losses of the global batch (divide by its target count)."""
+    grad_norm: float
+    """Global gradient norm before clipping (every parameter counted once)."""
+    lr: float
+    skipped: bool
+    """Megatron's optimizer skipped the update (non-finite gradients)."""
+
+
+def train_step(
+    ddp: DistributedDataParallel,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    micro_batches: list[Batch],
+) -> StepResult:
+    """Forward and backward over this rank's micro-batches, gradient reduction, one update."""
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    scheduler.step(increment=1)  # the rate of this step (see build_optimizer)
+    reported = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[ddp],
+        num_microbatches=len(micro_batches),
+        seq_length=max(b.input_ids.numel() for b in micro_batches),  # variable: no fixed shape
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    updated, grad_norm, _ = optimizer.step()
+    loss_sum = torch.stack([r["loss_sum"] for r in reported]).sum().double()
+    dist.all_reduce(
+        loss_sum, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
+    return StepResult(
+        loss_sum=loss_sum.item(),
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        lr=optimizer.param_groups[0]["lr"],
+        skipped=not updated,
+    )
