@@ -16,10 +16,12 @@ Memory (bytes per rank, the largest pipeline stage) is a sum of separate terms (
 - decoder and tower: the tensors autograd saves for the backward (`decoder_layer_saved`,
   `tower_layer_saved`), counted tensor by tensor from what the local-spec layers save on CPU
   (listed per term below), times the layers of the stage and the micro-batches in flight (1F1B:
-  pp on the first stage); with recomputation only what the recomputed layers keep;
+  pp on the first stage), plus the MLP gradients of the layer whose backward runs; with
+  recomputation only what the recomputed layers keep;
 - sharder: the projector's features of this rank's frames and the embedded token shard;
-- logits: the vocabulary-parallel cross entropy at target positions (softmax kept for the
-  backward plus its gradient) and the transient gradient of the output / embedding table.
+- logits: the vocabulary-parallel cross entropy at target positions (the fp32 softmax it keeps,
+  which becomes the gradient in place) and the transient gradient of the output / embedding
+  table.
 `calibration` tests these against the peak resident memory of real CPU training steps.
 
 Step time (seconds per optimizer step of `global_batch_size` samples, one sample a micro-batch):
@@ -294,18 +296,20 @@ class Memory:
         return self.total / GIB
 
 
-def _recomputed(saved_per_layer: int, layers: int, hidden: int, recompute: str) -> int:
-    """Elements per token kept by `layers` layers.
+def _kept(saved: int, attention: int, layers: int, hidden: int, recompute: str) -> int:
+    """Elements per token kept by `layers` layers that each save `saved`, of which `attention`
+    are the core attention's own output and log-sum-exp.
 
     none: everything each layer saves. full (Megatron's uniform, one layer a checkpoint): each
     layer's input, plus one layer's saved tensors while its backward recomputes it. selective
-    (models/recompute.py: `core_attn` in the tower, `core_attn` and `mlp` in the decoder): the
-    attention's own saved tensors are recomputed; its inputs q, k, v stay as the checkpoint's
-    inputs, so only the output and log-sum-exp go; the decoder's MLP keeps only its input.
+    (Megatron's `core_attn`): the core attention is recomputed; its inputs q, k, v stay as the
+    checkpoint's inputs, so only its output and log-sum-exp are not kept.
     """
     if recompute == "full":
-        return layers * hidden + saved_per_layer
-    return layers * saved_per_layer
+        return layers * hidden + saved
+    if recompute == "selective":
+        return layers * (saved - attention)
+    return layers * saved
 
 
 def memory(
@@ -317,8 +321,6 @@ def memory(
 ) -> Memory:
     """Predicted peak of one rank of pipeline stage `stage` (`first` or `last`)."""
     first, last = stage == "first", stage == "last" or layout.pp == 1
-    if stage == "last" and layout.pp > 1:
-        first = False
     llm, a = model.llm, precision.activation
     params = stage_params(model, layout, work, first, last)
     shards = layout.dp * layout.sp if layout.distributed_optimizer else 1
@@ -329,17 +331,12 @@ def memory(
     # 1F1B keeps pp - stage micro-batches in flight: pp on the first stage, 1 on the last.
     in_flight = layout.pp if first else 1
     layers = llm.num_layers // layout.pp
-    per_layer = decoder_layer_saved(model, layout)
-    d = llm.hidden_size // llm.num_attention_heads
-    recomputed = 0
-    if layout.recompute == "selective":  # the decoder's core attention and MLP
-        # attention output and log-sum-exp; fc1's output and fc2's input
-        recomputed = (llm.num_attention_heads // layout.tp) * (d + 1)
-        recomputed += 3 * llm.ffn_hidden_size // layout.tp
-    per_layer -= recomputed
-    # ... which one layer holds again while its backward runs
-    kept = _recomputed(per_layer, layers, llm.hidden_size, layout.recompute) + recomputed
-    decoder = in_flight * kept * local * a
+    heads = llm.num_attention_heads // layout.tp
+    attention = heads * (llm.hidden_size // llm.num_attention_heads + 1)
+    saved = decoder_layer_saved(model, layout)
+    kept = _kept(saved, attention, layers, llm.hidden_size, layout.recompute)
+    # While a layer's backward runs: the gradients of its fc1 output and fc2 input.
+    decoder = (in_flight * kept + 3 * llm.ffn_hidden_size // layout.tp) * local * a
     if last:
         decoder += 2 * llm.hidden_size * local * a  # final norm: input and output
 
@@ -348,12 +345,10 @@ def memory(
         v = model.vision
         frames = -(-work.frames // layout.sp)
         patches = v.num_patches_per_side**2
-        tower_layer = tower_layer_saved(model, layout.tp)
-        if layout.recompute == "selective":
-            tower_layer -= (v.num_attention_heads // layout.tp) * (
-                v.hidden_size // v.num_attention_heads + 1
-            )
-        kept_tower = _recomputed(tower_layer, v.num_used_layers, v.hidden_size, layout.recompute)
+        heads = v.num_attention_heads // layout.tp
+        attention = heads * (v.hidden_size // v.num_attention_heads + 1)
+        saved = tower_layer_saved(model, layout.tp)
+        kept_tower = _kept(saved, attention, v.num_used_layers, v.hidden_size, layout.recompute)
         pixels = 3 * v.image_size**2
         per_frame = kept_tower * patches + model.tokens_per_frame * projector_saved(model)
         tower = in_flight * frames * (per_frame + pixels) * a
@@ -364,9 +359,11 @@ def memory(
     vocab = _padded_vocab(llm.vocab_size, layout.tp) // layout.tp
     if last:
         targets = -(-work.targets // layout.sp)
-        # Softmax kept by the cross entropy and its gradient (fp32), and the gradient of the
-        # output layer's weight before it is added to the fp32 buffer.
-        logits = 2 * targets * vocab * 4 + vocab * llm.hidden_size * precision.weight
+        # The fp32 softmax the cross entropy keeps and turns into the gradient in place (plus
+        # the fp32 copy of low-precision logits), and the gradient of the output layer's weight
+        # before it is added to the fp32 buffer.
+        cast = a if a != 4 else 0
+        logits = targets * vocab * (4 + cast) + vocab * llm.hidden_size * precision.weight
     elif first:
         logits = vocab * llm.hidden_size * precision.weight  # the embedding table's gradient
     return Memory(
@@ -598,7 +595,7 @@ def plan(
         layout, mem = smallest
         raise ValueError(
             f"no layout fits {device.memory_gib:g} GiB: the smallest, {_describe(layout)}, needs "
-            f"{mem.gib:.1f} GiB per rank; add nodes, use a GPU with more memory or fewer frames"
+            f"{mem.gib:.1f} GiB per rank; add nodes, use a GPU with more memory, or shorten the sample"
         )
     plans.sort(key=lambda p: (p.time.total, p.memory.total))
     return plans
