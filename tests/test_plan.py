@@ -85,7 +85,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "name, nodes, gpus", [("longvila_7b", 4, 8), ("longvila_1.5b", 2, 8), ("longvila_tiny", 1, 4)]
+    "name, nodes, gpus",
+    [
+        ("longvila_7b", 4, 8),
+        ("longvila_1.5b", 2, 8),
+        ("longvila_1.5b", 4, 2),
+        ("longvila_tiny", 1, 4),
+    ],
 )
 def test_layouts_are_exactly_those_check_model_accepts(name, nodes, gpus):
     model = model_preset(name)
