@@ -138,9 +138,11 @@ class Workload:
         return cls(0, tokens, tokens, ("llm",), global_batch_size)
 
     def padded_tokens(self, layout: Layout) -> int:
-        """Samples are padded to a multiple of 2 x ulysses x ring (DESIGN data flow 3)."""
-        multiple = 2 * layout.sp if layout.sp > 1 else 1
-        return -(-self.tokens // multiple) * multiple
+        """A sample is padded to a multiple of 2 x ring (zigzag chunks), the pack to a multiple
+        of ulysses x ring (equal shards; parallel/attention_2d.py)."""
+        sample = 2 * layout.ring if layout.ring > 1 else 1
+        tokens = -(-self.tokens // sample) * sample
+        return -(-tokens // layout.sp) * layout.sp
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -296,19 +298,20 @@ class Memory:
         return self.total / GIB
 
 
-def _kept(saved: int, attention: int, layers: int, hidden: int, recompute: str) -> int:
-    """Elements per token kept by `layers` layers that each save `saved`, of which `attention`
-    are the core attention's own output and log-sum-exp.
+def _kept(saved: int, recomputed: int, layers: int, hidden: int, recompute: str) -> int:
+    """Elements per token kept by `layers` layers that each save `saved`, of which selective
+    recomputation drops `recomputed` (models/recompute.py).
 
-    none: everything each layer saves. full (Megatron's uniform, one layer a checkpoint): each
-    layer's input, plus one layer's saved tensors while its backward recomputes it. selective
-    (Megatron's `core_attn`): the core attention is recomputed; its inputs q, k, v stay as the
-    checkpoint's inputs, so only its output and log-sum-exp are not kept.
+    none: everything each layer saves. full (one layer a checkpoint, every layer): each layer's
+    input, plus one layer's saved tensors while its backward recomputes it. selective: the
+    recomputed modules keep only their inputs, which other tensors already count: the core
+    attention's q, k, v stay, its output and log-sum-exp go; the decoder's MLP (fc1's input
+    stays) drops fc1's output and fc2's input.
     """
     if recompute == "full":
         return layers * hidden + saved
     if recompute == "selective":
-        return layers * (saved - attention)
+        return layers * (saved - recomputed)
     return layers * saved
 
 
@@ -333,10 +336,11 @@ def memory(
     layers = llm.num_layers // layout.pp
     heads = llm.num_attention_heads // layout.tp
     attention = heads * (llm.hidden_size // llm.num_attention_heads + 1)
+    mlp = 3 * llm.ffn_hidden_size // layout.tp
     saved = decoder_layer_saved(model, layout)
-    kept = _kept(saved, attention, layers, llm.hidden_size, layout.recompute)
+    kept = _kept(saved, attention + mlp, layers, llm.hidden_size, layout.recompute)
     # While a layer's backward runs: the gradients of its fc1 output and fc2 input.
-    decoder = (in_flight * kept + 3 * llm.ffn_hidden_size // layout.tp) * local * a
+    decoder = (in_flight * kept + mlp) * local * a
     if last:
         decoder += 2 * llm.hidden_size * local * a  # final norm: input and output
 
@@ -450,7 +454,8 @@ def step_time(
     flops_per_s = gpu.tflops * 1e12 * mfu
     decoder, tower, attention = _forward_flops(model, work, tokens)
     # Backward is twice the forward; recomputation runs (part of) the forward once more.
-    extra = {"none": 0.0, "selective": attention, "full": decoder + tower}[layout.recompute]
+    mlp = 2 * llm.num_layers * 3 * llm.hidden_size * llm.ffn_hidden_size * tokens
+    extra = {"none": 0.0, "selective": attention + mlp, "full": decoder + tower}[layout.recompute]
     shards = layout.tp * layout.sp
     total = (3 * (decoder + tower) + extra) / shards
     # The tower and projector sit on the first stage, so it is the slowest.
