@@ -310,8 +310,8 @@ def _kept(saved: int, recomputed: int, layers: int, hidden: int, recompute: str)
     """
     if recompute == "full":
         return layers * hidden + saved
-    if recompute == "selective":
-        return layers * (saved - recomputed)
+    if recompute == "selective":  # ... which the layer whose backward runs holds again
+        return layers * (saved - recomputed) + recomputed
     return layers * saved
 
 
