@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch training (or any longvila_mcore module) on this node with torchrun.
 #
-#   launch/torchrun.sh +stage=5_sft_1024f parallel.ulysses=8 parallel.ring=2      # one node
+#   launch/torchrun.sh +stage=5_sft_1024f parallel.ulysses=4 parallel.ring=2      # one node
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh +stage=...         # on node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh +stage=...         # on node 1
 #

@@ -85,7 +85,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "name, nodes, gpus", [("longvila_7b", 4, 8), ("longvila_1.5b", 2, 8), ("longvila_tiny", 1, 4)]
+    "name, nodes, gpus",
+    [
+        ("longvila_7b", 4, 8),
+        ("longvila_1.5b", 2, 8),
+        ("longvila_1.5b", 4, 2),
+        ("longvila_tiny", 1, 4),
+    ],
 )
 def test_layouts_are_exactly_those_check_model_accepts(name, nodes, gpus):
     model = model_preset(name)
@@ -136,7 +142,8 @@ def test_recompute_terms_order_and_full_keeps_layer_inputs():
     local = work.padded_tokens(Layout(ulysses=4, ring=2)) // 8
     layer = planner.decoder_layer_saved(model, Layout(ulysses=4, ring=2))
     h = model.llm.hidden_size
-    assert mem["full"].decoder == (28 * h + layer + 2 * h) * local * 2
+    working = 3 * model.llm.ffn_hidden_size  # MLP gradients of the layer in its backward
+    assert mem["full"].decoder == (28 * h + layer + working + 2 * h) * local * 2
 
 
 # --- the memory model against the code -----------------------------------------------------------
@@ -296,7 +303,18 @@ def test_cli_json_and_the_7b_recipe():
         assert r["memory_gib"] <= USABLE * GPUS["h100-80gb"].memory_gib
     top = rows[0]
     assert top["memory_gib"] < 80
-    assert "top" not in run.stderr
+    # The README and launch/slurm.sbatch recipes are this layout.
+    overrides = [f"parallel.{k}={top[k]}" for k in ("tp", "pp", "ulysses", "ring") if top[k] > 1]
+    overrides += [
+        f"train.recompute={top['recompute']}",
+        f"train.distributed_optimizer={str(top['distributed_optimizer']).lower()}",
+    ]
+    for path in ("README.md", "launch/slurm.sbatch"):
+        recipe = (ROOT / path).read_text().split("+stage=5_sft_1024f model=longvila_7b", 1)[1]
+        recipe = recipe.split("run.output_dir", 1)[0]
+        assert sorted(w for w in recipe.split() if w.startswith(("parallel.", "train."))) == sorted(
+            overrides
+        ), path
 
 
 @pytest.mark.parametrize(

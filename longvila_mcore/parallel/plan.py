@@ -16,10 +16,12 @@ Memory (bytes per rank, the largest pipeline stage) is a sum of separate terms (
 - decoder and tower: the tensors autograd saves for the backward (`decoder_layer_saved`,
   `tower_layer_saved`), counted tensor by tensor from what the local-spec layers save on CPU
   (listed per term below), times the layers of the stage and the micro-batches in flight (1F1B:
-  pp on the first stage); with recomputation only what the recomputed layers keep;
+  pp on the first stage), plus the MLP gradients of the layer whose backward runs; with
+  recomputation only what the recomputed layers keep;
 - sharder: the projector's features of this rank's frames and the embedded token shard;
-- logits: the vocabulary-parallel cross entropy at target positions (softmax kept for the
-  backward plus its gradient) and the transient gradient of the output / embedding table.
+- logits: the vocabulary-parallel cross entropy at target positions (the fp32 softmax it keeps,
+  which becomes the gradient in place) and the transient gradient of the output / embedding
+  table.
 `calibration` tests these against the peak resident memory of real CPU training steps.
 
 Step time (seconds per optimizer step of `global_batch_size` samples, one sample a micro-batch):
@@ -136,9 +138,11 @@ class Workload:
         return cls(0, tokens, tokens, ("llm",), global_batch_size)
 
     def padded_tokens(self, layout: Layout) -> int:
-        """Samples are padded to a multiple of 2 x ulysses x ring (DESIGN data flow 3)."""
-        multiple = 2 * layout.sp if layout.sp > 1 else 1
-        return -(-self.tokens // multiple) * multiple
+        """A sample is padded to a multiple of 2 x ring (zigzag chunks), the pack to a multiple
+        of ulysses x ring (equal shards; parallel/attention_2d.py)."""
+        sample = 2 * layout.ring if layout.ring > 1 else 1
+        tokens = -(-self.tokens // sample) * sample
+        return -(-tokens // layout.sp) * layout.sp
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -294,18 +298,21 @@ class Memory:
         return self.total / GIB
 
 
-def _recomputed(saved_per_layer: int, layers: int, hidden: int, recompute: str) -> int:
-    """Elements per token kept by `layers` layers.
+def _kept(saved: int, recomputed: int, layers: int, hidden: int, recompute: str) -> int:
+    """Elements per token kept by `layers` layers that each save `saved`, of which selective
+    recomputation drops `recomputed` (models/recompute.py).
 
-    none: everything each layer saves. full (Megatron's uniform, one layer a checkpoint): each
-    layer's input, plus one layer's saved tensors while its backward recomputes it. selective
-    (models/recompute.py: `core_attn` in the tower, `core_attn` and `mlp` in the decoder): the
-    attention's own saved tensors are recomputed; its inputs q, k, v stay as the checkpoint's
-    inputs, so only the output and log-sum-exp go; the decoder's MLP keeps only its input.
+    none: everything each layer saves. full (one layer a checkpoint, every layer): each layer's
+    input, plus one layer's saved tensors while its backward recomputes it. selective: the
+    recomputed modules keep only their inputs, which other tensors already count: the core
+    attention's q, k, v stay, its output and log-sum-exp go; the decoder's MLP (fc1's input
+    stays) drops fc1's output and fc2's input.
     """
     if recompute == "full":
-        return layers * hidden + saved_per_layer
-    return layers * saved_per_layer
+        return layers * hidden + saved
+    if recompute == "selective":  # ... which the layer whose backward runs holds again
+        return layers * (saved - recomputed) + recomputed
+    return layers * saved
 
 
 def memory(
@@ -317,8 +324,6 @@ def memory(
 ) -> Memory:
     """Predicted peak of one rank of pipeline stage `stage` (`first` or `last`)."""
     first, last = stage == "first", stage == "last" or layout.pp == 1
-    if stage == "last" and layout.pp > 1:
-        first = False
     llm, a = model.llm, precision.activation
     params = stage_params(model, layout, work, first, last)
     shards = layout.dp * layout.sp if layout.distributed_optimizer else 1
@@ -329,17 +334,13 @@ def memory(
     # 1F1B keeps pp - stage micro-batches in flight: pp on the first stage, 1 on the last.
     in_flight = layout.pp if first else 1
     layers = llm.num_layers // layout.pp
-    per_layer = decoder_layer_saved(model, layout)
-    d = llm.hidden_size // llm.num_attention_heads
-    recomputed = 0
-    if layout.recompute == "selective":  # the decoder's core attention and MLP
-        # attention output and log-sum-exp; fc1's output and fc2's input
-        recomputed = (llm.num_attention_heads // layout.tp) * (d + 1)
-        recomputed += 3 * llm.ffn_hidden_size // layout.tp
-    per_layer -= recomputed
-    # ... which one layer holds again while its backward runs
-    kept = _recomputed(per_layer, layers, llm.hidden_size, layout.recompute) + recomputed
-    decoder = in_flight * kept * local * a
+    heads = llm.num_attention_heads // layout.tp
+    attention = heads * (llm.hidden_size // llm.num_attention_heads + 1)
+    mlp = 3 * llm.ffn_hidden_size // layout.tp
+    saved = decoder_layer_saved(model, layout)
+    kept = _kept(saved, attention + mlp, layers, llm.hidden_size, layout.recompute)
+    # While a layer's backward runs: the gradients of its fc1 output and fc2 input.
+    decoder = (in_flight * kept + mlp) * local * a
     if last:
         decoder += 2 * llm.hidden_size * local * a  # final norm: input and output
 
@@ -348,12 +349,10 @@ def memory(
         v = model.vision
         frames = -(-work.frames // layout.sp)
         patches = v.num_patches_per_side**2
-        tower_layer = tower_layer_saved(model, layout.tp)
-        if layout.recompute == "selective":
-            tower_layer -= (v.num_attention_heads // layout.tp) * (
-                v.hidden_size // v.num_attention_heads + 1
-            )
-        kept_tower = _recomputed(tower_layer, v.num_used_layers, v.hidden_size, layout.recompute)
+        heads = v.num_attention_heads // layout.tp
+        attention = heads * (v.hidden_size // v.num_attention_heads + 1)
+        saved = tower_layer_saved(model, layout.tp)
+        kept_tower = _kept(saved, attention, v.num_used_layers, v.hidden_size, layout.recompute)
         pixels = 3 * v.image_size**2
         per_frame = kept_tower * patches + model.tokens_per_frame * projector_saved(model)
         tower = in_flight * frames * (per_frame + pixels) * a
@@ -364,9 +363,11 @@ def memory(
     vocab = _padded_vocab(llm.vocab_size, layout.tp) // layout.tp
     if last:
         targets = -(-work.targets // layout.sp)
-        # Softmax kept by the cross entropy and its gradient (fp32), and the gradient of the
-        # output layer's weight before it is added to the fp32 buffer.
-        logits = 2 * targets * vocab * 4 + vocab * llm.hidden_size * precision.weight
+        # The fp32 softmax the cross entropy keeps and turns into the gradient in place (plus
+        # the fp32 copy of low-precision logits), and the gradient of the output layer's weight
+        # before it is added to the fp32 buffer.
+        cast = a if a != 4 else 0
+        logits = targets * vocab * (4 + cast) + vocab * llm.hidden_size * precision.weight
     elif first:
         logits = vocab * llm.hidden_size * precision.weight  # the embedding table's gradient
     return Memory(
@@ -453,7 +454,8 @@ def step_time(
     flops_per_s = gpu.tflops * 1e12 * mfu
     decoder, tower, attention = _forward_flops(model, work, tokens)
     # Backward is twice the forward; recomputation runs (part of) the forward once more.
-    extra = {"none": 0.0, "selective": attention, "full": decoder + tower}[layout.recompute]
+    mlp = 2 * llm.num_layers * 3 * llm.hidden_size * llm.ffn_hidden_size * tokens
+    extra = {"none": 0.0, "selective": attention + mlp, "full": decoder + tower}[layout.recompute]
     shards = layout.tp * layout.sp
     total = (3 * (decoder + tower) + extra) / shards
     # The tower and projector sit on the first stage, so it is the slowest.
@@ -598,7 +600,7 @@ def plan(
         layout, mem = smallest
         raise ValueError(
             f"no layout fits {device.memory_gib:g} GiB: the smallest, {_describe(layout)}, needs "
-            f"{mem.gib:.1f} GiB per rank; add nodes, use a GPU with more memory or fewer frames"
+            f"{mem.gib:.1f} GiB per rank; add nodes, use a GPU with more memory, or shorten the sample"
         )
     plans.sort(key=lambda p: (p.time.total, p.memory.total))
     return plans
