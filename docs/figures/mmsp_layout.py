@@ -84,7 +84,9 @@ def render() -> str:
             )
         label(x + (CELL - 2) / 2, y + CELL - 5, text, size=9, anchor="middle")
 
-    label(10, y, f"MM-SP over U = {ULYSSES} (Ulysses) x R = {RING} (ring) = {N} ranks", 15, bold=True)
+    label(
+        10, y, f"MM-SP over U = {ULYSSES} (Ulysses) x R = {RING} (ring) = {N} ranks", 15, bold=True
+    )
     y += 25
 
     # Stage 1: frames over ranks.
