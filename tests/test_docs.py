@@ -90,3 +90,21 @@ def test_mmsp_figure_is_current():
     assert mmsp_layout.OUT.read_text() == mmsp_layout.render(), (
         "the sharding changed: run `python docs/figures/mmsp_layout.py` and commit the SVG"
     )
+
+
+def test_train_help_and_stages_page_list_every_stage():
+    stages = sorted(p.stem for p in (ROOT / "configs" / "stage").glob("*.yaml"))
+    env = {**os.environ, "COLUMNS": "1000"}
+    out = subprocess.run(
+        [sys.executable, "-m", "longvila_mcore.train", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "+stage=<name>" in out and "docs/stages.md" in out
+    groups = next(line for line in out.splitlines() if line.startswith("stage: "))
+    assert sorted(groups.removeprefix("stage: ").split(", ")) == stages
+    table = re.findall(r"^\| `([\w.]+)` \|", (DOCS / "stages.md").read_text(), re.M)
+    assert sorted(s for s in table if s[0].isdigit()) == stages
