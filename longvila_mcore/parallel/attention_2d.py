@@ -173,28 +173,25 @@ class _Attention2D(torch.autograd.Function):
         if u > 1:
             dout = heads_to_sequence([dout], ulysses)
         dout = fold_batch(dout).contiguous()
-        acc = lse.dtype
-        if u == 1:
-            grads = [torch.empty(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
-            ring_backward(dout, q, k, v, out, lse, layout, groups.ring, scale, grads)
-            return (*(unfold_batch(g.to(q.dtype), batch) for g in grads), None, None, None)
-        # dq/dk/dv in one buffer laid out as the all-to-all back sends it: no packing copy.
-        t, d = q.shape[0] // batch, q.shape[2]
-        buffer = q.new_empty((t, batch, sum(widths), d), dtype=acc)
-        views = buffer.split(widths, dim=2)
-        grads = [
-            fold_batch(x) if batch == 1 else x.new_empty((t * batch, *x.shape[2:])) for x in views
-        ]
-        ring_backward(dout, q, k, v, out, lse, layout, groups.ring, scale, grads)
+        grads = ring_backward(dout, q, k, v, out, lse, layout, groups.ring, scale)
         del dout
-        if batch > 1:
-            for view, grad in zip(views, grads):
-                view.copy_(unfold_batch(grad, batch))
-        del views, grads
-        dq, dk, dv = sequence_to_heads(buffer.to(q.dtype), widths, ulysses)
+        if u == 1:
+            return (*(unfold_batch(g.to(q.dtype), batch) for g in grads), None, None, None)
+        # Passed without a name here, so the all-to-all frees the buffer once it is sent.
+        dq, dk, dv = sequence_to_heads(_pack(grads, widths, batch, q.dtype), widths, ulysses)
         if dk.shape[2] != kv_heads:  # the replicas' gradients add up
             dk, dv = (x.unflatten(2, (kv_heads, -1)).sum(3) for x in (dk, dv))
         return dq, dk, dv, None, None, None
+
+
+def _pack(grads: list[torch.Tensor], widths, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[t, b, sum(widths), d]`, the folded gradients side by side along heads, as the all-to-all
+    back sends them; each gradient is dropped from `grads` once it is copied."""
+    t, d = grads[0].shape[0] // batch, grads[0].shape[2]
+    buffer = grads[0].new_empty((t, batch, sum(widths), d), dtype=dtype)
+    for view in buffer.split(widths, dim=2):
+        view.copy_(unfold_batch(grads.pop(0), batch))
+    return buffer
 
 
 class SequenceParallel:

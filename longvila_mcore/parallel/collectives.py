@@ -96,10 +96,12 @@ def sequence_to_heads(
     it is when contiguous (no packing copy)."""
     u = group.size()
     send = x.unflatten(0, (u, -1)).contiguous()
+    del x  # a caller that passes a temporary gets its memory back once it is sent
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     piece = send[0].nbytes
     _count("ulysses", piece * (u - 1), piece * (u - 1))
+    del send
     s, b, _, d = recv.shape[1:]
     parts, offset = [], 0
     for width in widths:

@@ -17,12 +17,12 @@ Partial results are merged by their log-sum-exp in float32 (float64 for float64 
 
 Backward. Every block's gradient uses the final `out` and `lse`. dQ stays local. K/V travel round
 the ring again, and each block's dK/dV accumulate along its path: rank r adds its contribution to
-the sum that arrives from r - 1 (in place, in the buffer it arrived in) and passes it on to r + 1,
+the sums that arrive from r - 1 (in place, in the buffers they arrived in) and passes them to r + 1,
 so after R - 1 hops the sum reaches the block's owner, which adds its own (causal) part. K/V and
 dK/dV each take R - 1 hops: backward traffic is twice the forward's.
 
 K and V travel as one `[2, t, h, d]` message per step, received into a fresh buffer while the
-current block is in use (two blocks alive at a time). The tensors are "thd": batch rows are folded
+current block is in use (two blocks alive at a time); dK and dV travel in one batch of two. The tensors are "thd": batch rows are folded
 into further samples by the caller (`fold_batch`).
 """
 
@@ -132,10 +132,11 @@ def ring_layout(local_lengths: tuple[int, ...], batch: int, device: torch.device
 
 def _visiting_blocks(
     k: torch.Tensor, v: torch.Tensor, group: ProcessGroup
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(source rank, kv `[2, t, h, d]`) of every other rank's K/V block, in ring order. The
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """(source rank, [kv `[2, t, h, d]`]) of every other rank's K/V block, in ring order. The
     first transfer starts here, before the caller computes with its own block; each next one
-    starts before the current block is handed out."""
+    starts before the current block is handed out. The block comes in a list the caller pops,
+    so that the caller alone holds it and frees it as soon as it is done with it."""
     rank, size = group.rank(), group.size()
     block = torch.stack([k, v])
     transfer = ring_shift_start([block], [torch.empty_like(block)], group, tag=_KV_TAG)
@@ -147,7 +148,11 @@ def _visiting_blocks(
             block = transfer.wait()[0]
             if step + 1 < size:
                 transfer = ring_shift_start([block], [torch.empty_like(block)], group, tag=_KV_TAG)
-            yield (rank - step) % size, block
+            else:
+                transfer = None
+            holder = [block]
+            del block
+            yield (rank - step) % size, holder
 
     return blocks()
 
@@ -168,7 +173,8 @@ def ring_forward(
     out, lse = attention_forward(q, k, v, full, full, True, scale)
     out = out.to(lse.dtype)
     q_back = back.take(q) if rank < size - 1 else None
-    for source, kv in blocks:
+    for source, holder in blocks:
+        kv = holder.pop()
         if source < rank:
             kv = front.take(kv, 1)
             block = attention_forward(q, kv[0], kv[1], full, half, False, scale)
@@ -191,54 +197,56 @@ def ring_backward(
     layout: RingLayout,
     group: ProcessGroup,
     scale: float,
-    grads: Sequence[torch.Tensor],
-) -> None:
-    """Gradients of `ring_forward` written into `grads` (dq, dk, dv: any strides, in the
-    accumulation dtype) from the final `out` / `lse`."""
+) -> list[torch.Tensor]:
+    """`[dq, dk, dv]` of `ring_forward` in the accumulation dtype, from the final `out` / `lse`.
+    The own block's gradients are the accumulators (no copies); every buffer is dropped as soon
+    as it is used."""
     rank, size = group.rank(), group.size()
     blocks = _visiting_blocks(k, v, group) if size > 1 else iter(())
     full, half, front, back = layout.full, layout.half, layout.front, layout.back
-    dq, dk, dv = grads
-    own = attention_backward(dout, q, k, v, out, lse, full, full, True, scale)
-    for grad, own_grad in zip(grads, own):
-        grad.copy_(own_grad)
-    del own, own_grad
+    acc = lse.dtype
+    dq, dk, dv = (
+        g.to(acc) for g in attention_backward(dout, q, k, v, out, lse, full, full, True, scale)
+    )
     if rank < size - 1:
         q_b, dout_b, out_b, lse_b = back.take(q), back.take(dout), back.take(out), back.take(lse, 1)
-    arriving = None  # the dK/dV sum of the current block, from the previous ring rank
-    for source, kv in blocks:
+    arriving = None  # the dK/dV sums of the current block, from the previous ring rank
+    for source, holder in blocks:
+        kv = holder.pop()
         if source < rank:
             kv = front.take(kv, 1)
             dq_blk, dk_front, dv_front = attention_backward(
                 dout, q, kv[0], kv[1], out, lse, full, half, False, scale
             )
+            del kv
             dq.add_(dq_blk)
-            del dq_blk
             if arriving is None:
-                dkv = kv.new_zeros((2, *k.shape), dtype=dq.dtype)
+                sums = [dk.new_zeros(dk.shape), dv.new_zeros(dv.shape)]
             else:
-                dkv = arriving.wait()[0]
-            front.add_(dkv[0], 0, dk_front)
-            front.add_(dkv[1], 0, dv_front)
+                sums = arriving.wait()
+            front.add_(sums[0], 0, dk_front)
+            front.add_(sums[1], 0, dv_front)
+            del dq_blk, dk_front, dv_front
         else:
             dq_back, dk_blk, dv_blk = attention_backward(
                 dout_b, q_b, kv[0], kv[1], out_b, lse_b, half, full, False, scale
             )
+            del kv
             back.add_(dq, 0, dq_back)
-            del dq_back
             if arriving is None:
-                dkv = torch.stack([dk_blk, dv_blk]).to(dq.dtype)
+                sums = [dk_blk.to(acc), dv_blk.to(acc)]
             else:
-                dkv = arriving.wait()[0]
-                dkv[0].add_(dk_blk)
-                dkv[1].add_(dv_blk)
-        del kv
-        arriving = ring_shift_start([dkv], [torch.empty_like(dkv)], group, tag=_GRAD_TAG)
-        del dkv
-    if arriving is not None:  # the sum for this rank's own block, from every other rank
-        dkv = arriving.wait()[0]
-        dk.add_(dkv[0])
-        dv.add_(dkv[1])
+                sums = arriving.wait()
+                sums[0].add_(dk_blk)
+                sums[1].add_(dv_blk)
+            del dq_back, dk_blk, dv_blk
+        arriving = ring_shift_start(sums, [torch.empty_like(x) for x in sums], group, tag=_GRAD_TAG)
+        del sums
+    if arriving is not None:  # the sums for this rank's own block, from every other rank
+        dk_sum, dv_sum = arriving.wait()
+        dk.add_(dk_sum)
+        dv.add_(dv_sum)
+    return [dq, dk, dv]
 
 
 def check_local_lengths(local_lengths: Sequence[int], tokens: int, ring: int) -> tuple[int, ...]:
