@@ -14,7 +14,7 @@ import tomllib
 import torch
 from packaging.requirements import Requirement
 
-from longvila_mcore.parallel.local_attention import FlashAttnKernel, TorchKernel
+from longvila_mcore.parallel.local_attention import FlashAttnKernel, TorchKernel, segments
 from longvila_mcore.runtime import device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_flash_attn_wrapper_calls_the_27_28_interface(fake_flash_attn, causal):
     a 2.6-style `window_size=` or 8-value unpacking fails here) gives TorchKernel's out, lse and
     gradients on packed GQA samples of unequal lengths."""
     g = torch.Generator().manual_seed(0)
-    cu = [0, 5, 12, 16]
+    cu = segments((0, 5, 12, 16), torch.device("cpu"))  # what the dispatcher hands the kernels
     q, k, v = (torch.randn(16, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     dout = torch.randn(16, 4, 8, generator=g, dtype=torch.float64)
     scale = 8**-0.5
