@@ -33,9 +33,9 @@ SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', re.M)
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
-def help_options(command: list[str]) -> set[str]:
+def help_text(command: list[str]) -> str:
     env = {**os.environ, "COLUMNS": "1000"}  # argparse wraps help at the terminal width
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, *command, "--help"],
         cwd=ROOT,
         env=env,
@@ -43,6 +43,10 @@ def help_options(command: list[str]) -> set[str]:
         text=True,
         check=True,
     ).stdout
+
+
+def help_options(command: list[str]) -> set[str]:
+    out = help_text(command)
     return set(OPTION.findall(out)) - {"--help", "--nproc-per-node"}  # torchrun's, in usage
 
 
@@ -94,15 +98,7 @@ def test_mmsp_figure_is_current():
 
 def test_train_help_and_stages_page_list_every_stage():
     stages = sorted(p.stem for p in (ROOT / "configs" / "stage").glob("*.yaml"))
-    env = {**os.environ, "COLUMNS": "1000"}
-    out = subprocess.run(
-        [sys.executable, "-m", "longvila_mcore.train", "--help"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = help_text(["-m", "longvila_mcore.train"])
     assert "+stage=<name>" in out and "docs/stages.md" in out
     groups = next(line for line in out.splitlines() if line.startswith("stage: "))
     assert sorted(groups.removeprefix("stage: ").split(", ")) == stages
