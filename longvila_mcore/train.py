@@ -163,6 +163,8 @@ def train(config: Config, token_order: str | None = None) -> None:
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=dp,
         seed=train_cfg.seed,
+        sp_rank=model.sp.rank,  # the rank decodes only the frames it encodes
+        sp_size=model.sp.size,
     )
     step = 0
     if resume is not None:

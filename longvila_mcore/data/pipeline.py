@@ -11,7 +11,11 @@ Semantics (one deterministic stream for any layout):
   rank. Skips only shift the rank's own sub-stream; no communication is needed.
   MAX_SKIPS_IN_A_ROW unusable samples in a row stop the run (the data or max_length is wrong).
 - The step's samples are padded to a multiple of `pad_multiple` and packed greedily, in stream
-  order, into micro-batches (packing.py). Ranks may get different numbers of micro-batches.
+  order, into micro-batches, each padded to a multiple of `pack_multiple` (packing.py). Ranks may get different numbers of micro-batches.
+- Every rank of a sequence-parallel group (and each of its tensor-parallel ranks) reads the same
+  samples and lays out the same micro-batches, but decodes and holds only the frames it encodes
+  (`sp_rank` of `sp_size`; Batch contract): a video's container gives the frame count, so the
+  layout needs no decoding, and a rank's frames are decoded after a seek to their time range.
 - `state_dict()` is the position in the stream; a pipeline loaded with it continues exactly as
   the uninterrupted one would, without decoding the samples before it.
 """
@@ -69,10 +73,20 @@ class Pipeline:
         seed: int,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
+        pack_multiple: int | None = None,
+        sp_rank: int = 0,
+        sp_size: int = 1,
     ):
+        pack_multiple = pack_multiple or pad_multiple
         _check_layout(
-            max_length, global_batch_size, micro_batch_size, pad_multiple, dp_rank, dp_size
+            max_length,
+            global_batch_size,
+            micro_batch_size,
+            (pad_multiple, pack_multiple),
+            dp_rank,
+            dp_size,
         )
+        _check_sp_rank(sp_rank, sp_size)
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: decode inline)")
         self.shards = shards
@@ -80,10 +94,11 @@ class Pipeline:
         self.kind = kind
         self.max_length = max_length
         self.micro_batch_size = micro_batch_size
-        self.pad_multiple = pad_multiple
+        self.pad_multiple, self.pack_multiple = pad_multiple, pack_multiple
         self.pad_id = pad_id
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.sp_rank, self.sp_size = sp_rank, sp_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_rank = global_batch_size // dp_size
@@ -124,6 +139,9 @@ class Pipeline:
             max_length=self.max_length,
             pad_id=self.pad_id,
             pad_multiple=self.pad_multiple,
+            pack_multiple=self.pack_multiple,
+            sp_rank=self.sp_rank,
+            sp_size=self.sp_size,
         )
 
     def state_dict(self) -> dict:
@@ -229,14 +247,28 @@ def build_pipeline(
     dp_rank: int,
     dp_size: int,
     seed: int,
+    pack_multiple: int | None = None,
+    sp_rank: int = 0,
+    sp_size: int = 1,
 ) -> Pipeline:
     """The pipeline of one stage on one data-parallel rank (the entry point of the training loop).
 
     `kind` is the stage's sample kind (`caption`, `interleaved`, `conversation`, `text`) and picks
-    the shard pattern `data.<kind>`; `pad_multiple` is 2 x ulysses x ring. The tokenizer must hold
-    the media tokens (tokenizer.ensure_media_tokens).
+    the shard pattern `data.<kind>`; a sample is padded to `pad_multiple` and a micro-batch to
+    `pack_multiple` (default `pad_multiple`; `packing.padding_multiples` gives both for a
+    sequence-parallel layout). The tokenizer must hold
+    the media tokens (tokenizer.ensure_media_tokens). The batches hold the frames that
+    sequence-parallel rank `sp_rank` of `sp_size` encodes (all of them by default).
     """
-    _check_layout(max_length, global_batch_size, micro_batch_size, pad_multiple, dp_rank, dp_size)
+    pack_multiple = pack_multiple or pad_multiple
+    _check_layout(
+        max_length,
+        global_batch_size,
+        micro_batch_size,
+        (pad_multiple, pack_multiple),
+        dp_rank,
+        dp_size,
+    )
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one (Qwen2 uses <|endoftext|>)")
     builder = SampleBuilder(
@@ -261,6 +293,9 @@ def build_pipeline(
         seed=seed,
         shuffle_buffer=data.shuffle_buffer,
         num_workers=data.num_workers,
+        pack_multiple=pack_multiple,
+        sp_rank=sp_rank,
+        sp_size=sp_size,
     )
 
 
@@ -285,10 +320,11 @@ def _check_layout(
     max_length: int,
     global_batch_size: int,
     micro_batch_size: int,
-    pad_multiple: int,
+    multiples: tuple[int, int],
     dp_rank: int,
     dp_size: int,
 ) -> None:
+    pad_multiple, pack_multiple = multiples
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"data-parallel rank {dp_rank} of {dp_size} is not a valid rank")
     if global_batch_size < 1 or global_batch_size % dp_size:
@@ -298,8 +334,19 @@ def _check_layout(
         )
     if micro_batch_size < 1:
         raise ValueError(f"train.micro_batch_size={micro_batch_size} must be >= 1")
-    if pad_multiple < 1 or max_length < pad_multiple or max_length % pad_multiple:
+    if pad_multiple < 1 or pack_multiple % pad_multiple:
         raise ValueError(
-            f"max_length={max_length} must be a positive multiple of 2 x ulysses x ring = "
-            f"{pad_multiple}; change the stage's max_length or the sequence-parallel layout"
+            f"pack_multiple={pack_multiple} must be a multiple of pad_multiple={pad_multiple} "
+            "(packing.padding_multiples gives both for a sequence-parallel layout)"
         )
+    if max_length < pack_multiple or max_length % pack_multiple:
+        raise ValueError(
+            f"max_length={max_length} must be a positive multiple of {pack_multiple} (a pack is "
+            "a multiple of ulysses x ring, and of 2 x ring with a ring); change the stage's "
+            "max_length or the sequence-parallel layout"
+        )
+
+
+def _check_sp_rank(sp_rank: int, sp_size: int) -> None:
+    if sp_size < 1 or not 0 <= sp_rank < sp_size:
+        raise ValueError(f"sequence-parallel rank {sp_rank} of {sp_size} is not a valid rank")
