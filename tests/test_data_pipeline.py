@@ -2,6 +2,7 @@
 
 import json
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,22 @@ def test_sequence_parallel_ranks_decode_and_hold_only_their_frames(dataset, monk
         decoded[:] = []
     with pytest.raises(ValueError, match="sequence-parallel rank 4 of 4"):
         make(dataset, sp_rank=4, sp_size=4)
+
+
+def test_workers_decode_the_next_step_ahead_without_moving_the_saved_position(dataset):
+    """With workers the next step's frames are decoded while this one trains, but the position
+    and skip counts saved are those of the steps returned, as without workers."""
+    _, broken, _ = dataset
+    shards = broken + "::" + dataset[0]["conversation"]
+    kw = dict(pattern=shards, global_batch_size=3, micro_batch_size=1, shuffle_buffer=0)
+    inline, ahead = make(dataset, **kw), make(dataset, num_workers=2, **kw)
+    for _ in range(4):
+        assert samples_of(next(ahead)) == samples_of(next(inline))
+        assert ahead.state_dict() == inline.state_dict()
+        assert isinstance(ahead._ahead[0], Future) and inline._ahead is None
+    assert sum(ahead.skipped.values()) > 0
+    resumed = make(dataset, num_workers=2, **kw)
+    resumed.load_state_dict(ahead.state_dict())
+    assert samples_of(next(resumed)) == samples_of(next(inline))
+    ahead.close()
+    assert ahead._ahead is None

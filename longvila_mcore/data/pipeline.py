@@ -16,6 +16,8 @@ Semantics (one deterministic stream for any layout):
   samples and lays out the same micro-batches, but decodes and holds only the frames it encodes
   (`sp_rank` of `sp_size`; Batch contract): a video's container gives the frame count, so the
   layout needs no decoding, and a rank's frames are decoded after a seek to their time range.
+- With `num_workers`, samples are built that many ahead in threads, and the next step's frames
+  are decoded in a worker while the current step trains.
 - `state_dict()` is the position in the stream; a pipeline loaded with it continues exactly as
   the uninterrupted one would, without decoding the samples before it.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
@@ -52,6 +54,10 @@ class StreamPosition(NamedTuple):
     epoch: int
     index: int
     consumed: int
+
+
+_Step = tuple["list[Batch] | Future[list[Batch]]", StreamPosition, dict[str, int]]
+"""A step's micro-batches (or their future), the stream position after it, its skips."""
 
 
 class Pipeline:
@@ -108,6 +114,8 @@ class Pipeline:
         self._executor = ThreadPoolExecutor(num_workers) if num_workers else None
         self._lookahead = num_workers
         self._results: Iterator[tuple[StreamPosition, SampleRef, Sample | Exception]] | None = None
+        self._ahead: _Step | Exception | None = None
+        """The next step, started early (with workers)."""
 
     def __iter__(self) -> Pipeline:
         return self
@@ -115,24 +123,51 @@ class Pipeline:
     def __next__(self) -> list[Batch]:
         if self._results is None:
             self._results = self._decoded(self._position)
+        step = self._ahead or self._start_step()
+        # With workers, the next step's frames are decoded while this one trains.
+        self._ahead = self._start_step() if self._executor is not None else None
+        if isinstance(step, Exception):
+            raise step
+        batches, self._position, skipped = step
+        for reason, count in skipped.items():
+            self.skipped[reason] += count
+        return batches if isinstance(batches, list) else batches.result()
+
+    def _start_step(self) -> _Step | Exception:
+        """The next step's samples laid out; their frames prepared now, or by a worker."""
+        try:
+            samples, position, skipped = self._next_samples()
+        except RuntimeError as err:  # too many unusable samples: raised when the step is due
+            return err
+        if self._executor is None:
+            return self._collate(samples), position, skipped
+        return self._executor.submit(self._collate, samples), position, skipped
+
+    def _next_samples(self) -> tuple[list[Sample], StreamPosition, dict[str, int]]:
+        """A step's samples, the position after them and the samples skipped on the way."""
         samples: list[Sample] = []
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
         in_a_row = 0
         while len(samples) < self.samples_per_rank:
-            self._position, ref, result = next(self._results)
+            position, ref, result = next(self._results)
             problem = self._problem(ref, result)
             if problem is None:
                 samples.append(result)
                 in_a_row = 0
                 continue
             reason, message = problem
-            self.skipped[reason] += 1
+            skipped[reason] += 1
             logger.warning("skipped (%s) %s", reason, message)
             in_a_row += 1
             if in_a_row == MAX_SKIPS_IN_A_ROW:
+                so_far = {k: self.skipped[k] + skipped[k] for k in SKIP_REASONS}
                 raise RuntimeError(
-                    f"{in_a_row} samples in a row were unusable (skipped so far: {self.skipped}), "
+                    f"{in_a_row} samples in a row were unusable (skipped so far: {so_far}), "
                     f"the last: {message}; check the data.{self.kind} shards and max_length"
                 )
+        return samples, position, skipped
+
+    def _collate(self, samples: list[Sample]) -> list[Batch]:
         return collate(
             samples,
             micro_batch_size=self.micro_batch_size,
@@ -169,7 +204,10 @@ class Pipeline:
         self.skipped = dict.fromkeys(SKIP_REASONS, 0) | state["skipped"]
 
     def close(self) -> None:
-        """Drop the samples decoded ahead (they are decoded again if needed)."""
+        """Drop the samples and the step decoded ahead (they are decoded again if needed)."""
+        if isinstance(self._ahead, tuple) and isinstance(self._ahead[0], Future):
+            self._ahead[0].cancel()
+        self._ahead = None
         if self._results is not None:
             self._results.close()
             self._results = None
