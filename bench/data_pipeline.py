@@ -16,22 +16,31 @@
    (forward + backward of LongVILAModel, fp32, this CPU) on the same batches, in frames/s
    consumed. For the 1.5B shape the GPU consumption is also estimated from FLOPs (6 x parameters
    x tokens at 40% of an A100's 312 bf16 TFLOP/s), since that is where the model would train.
+3. Frames per sequence-parallel rank: a 60 s clip (320x240 at 30 frames/s, a keyframe every 2 s,
+   as streaming encoders place them), 128 frames sampled uniformly and brought to 384 px, over
+   N = 1, 2 and 4 ranks. Each rank probes the container and decodes only its block of the frames
+   (`probe_video`, `VideoFrames.load`); per N the slowest rank's time (wall and CPU, best of
+   `--repeats`) and the most frame bytes a rank holds, as ratios to N = 1 (target: <= 1.2 / N).
+   With --json the last line also carries `"decode_per_rank_ratio": {"2": r2, "4": r4}`, of CPU
+   time (all threads of the process): the wall time of a shared machine is mostly waiting.
 
 Prints tables and writes bench/results/data_pipeline.json; with --json the last line of stdout is
 the same results as one JSON object. Needs the dev extra (OpenCV for VILA's recipe).
 
-    python bench/data_pipeline.py [--steps 4] [--skip-1.5b-step] [--json]
+    python bench/data_pipeline.py [--steps 4] [--skip-1.5b-step] [--decode-only] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import av
 import torch
 from transformers import AutoTokenizer
 
@@ -45,7 +54,8 @@ from longvila_mcore.config import (  # noqa: E402
     VisionConfig,
     model_preset,
 )
-from longvila_mcore.data.media import VIDEO_RESIZES, load_video  # noqa: E402
+from longvila_mcore.data.batch import frame_block  # noqa: E402
+from longvila_mcore.data.media import VIDEO_RESIZES, load_video, probe_video  # noqa: E402
 from longvila_mcore.data.pipeline import build_pipeline  # noqa: E402
 from longvila_mcore.data.synthetic import synthetic_paths  # noqa: E402
 from longvila_mcore.data.tokenizer import ensure_media_tokens  # noqa: E402
@@ -68,6 +78,8 @@ CLIP_SIZES = ((320, 240), (640, 360), (360, 640), (1280, 720))
 """(width, height) of the frame-resize clips: the issue's 320x240, 360p both ways, 720p."""
 CLIP_FRAMES, SAMPLED = 64, 16
 TOWER = VisionConfig(image_size=384)  # the releases' size, mean and std
+SP_SIZES = (1, 2, 4)
+LONG_CLIP = dict(seconds=60, rate=30, keyframe_every=60, width=320, height=240, sampled=128)
 
 
 def elapsed(function, *args, **kwargs) -> tuple[float, float]:
@@ -110,6 +122,83 @@ def frame_resizes(repeats: int) -> list[dict]:
     return rows
 
 
+def long_clip(seconds: int, rate: int, keyframe_every: int, width: int, height: int) -> bytes:
+    """H.264 mp4 of the filmed-like scene, a new scene every 10 s (so no frame array of the
+    whole clip is held), a keyframe every `keyframe_every` frames."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream(
+            "libx264",
+            rate=rate,
+            options={
+                "preset": "ultrafast",
+                "crf": "20",
+                "x264-params": f"keyint={keyframe_every}:min-keyint={keyframe_every}",
+            },
+        )
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for scene in range(seconds // 10):
+            for frame in scene_frames(10 * rate, height, width, seed=scene):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def decode_per_rank(repeats: int) -> tuple[list[dict], dict[str, float]]:
+    """Per N: the slowest rank's probe + decode of its frames (wall, CPU) and the most frame
+    bytes a rank holds, with their ratios to N = 1."""
+    clip = {k: v for k, v in LONG_CLIP.items() if k != "sampled"}
+    data = long_clip(**clip)
+    sampled = LONG_CLIP["sampled"]
+
+    def rank_frames(rank: int, size: int) -> torch.Tensor:
+        video = probe_video(data, sampled, TOWER)  # every rank lays the sample out
+        block = frame_block(len(video), rank, size)
+        return video.load(block.start, block.stop)
+
+    best: dict[tuple[int, int], tuple[float, float]] = {}
+    held: dict[tuple[int, int], int] = {}
+    for _ in range(repeats):  # the layouts interleaved, so a busy moment hits each
+        for size in SP_SIZES:
+            for rank in range(size):
+                wall, cpu = time.perf_counter(), time.process_time()
+                held[size, rank] = rank_frames(rank, size).nbytes
+                took = (time.perf_counter() - wall, time.process_time() - cpu)
+                best[size, rank] = tuple(map(min, best.get((size, rank), took), took))
+    rows = []
+    for size in SP_SIZES:
+        wall = max(best[size, r][0] for r in range(size))
+        cpu = max(best[size, r][1] for r in range(size))
+        most = max(held[size, r] for r in range(size))
+        rows.append({"N": size, "wall_s": wall, "cpu_s": cpu, "bytes_held": most})
+    for row in rows:
+        row["wall_ratio"] = row["wall_s"] / rows[0]["wall_s"]
+        row["cpu_ratio"] = row["cpu_s"] / rows[0]["cpu_s"]
+        row["bytes_ratio"] = row["bytes_held"] / rows[0]["bytes_held"]
+        row["target"] = 1.2 / row["N"]
+        print(json.dumps(row), flush=True)
+    return rows, {str(r["N"]): r["cpu_ratio"] for r in rows[1:]}
+
+
+def print_decode_per_rank(rows: list[dict]) -> None:
+    c = LONG_CLIP
+    print(
+        f"\nframes per sequence-parallel rank: {c['seconds']} s clip {c['width']}x{c['height']} "
+        f"at {c['rate']} f/s, keyframe every {c['keyframe_every']} frames, {c['sampled']} frames "
+        f"sampled to {TOWER.image_size} px; the slowest rank of N"
+    )
+    print(
+        f"{'N':>3} {'wall s':>8} {'/ N=1':>6} {'CPU s':>8} {'/ N=1':>6} {'MB held':>8}"
+        f" {'/ N=1':>6} {'target':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['N']:>3} {r['wall_s']:>8.2f} {r['wall_ratio']:>6.2f} {r['cpu_s']:>8.2f}"
+            f" {r['cpu_ratio']:>6.2f} {r['bytes_held'] / 2**20:>8.1f} {r['bytes_ratio']:>6.2f}"
+            f" {r['target']:>7.2f}"
+        )
+
+
 def pipeline_rate(
     model: ModelConfig,
     tokenizer,
@@ -141,7 +230,7 @@ def pipeline_rate(
     batches = [b for _ in range(steps) for b in next(pipeline)]
     seconds = time.perf_counter() - start
     pipeline.close()
-    frames = sum(b.frames.shape[0] for b in batches)
+    frames = sum(b.num_frames for b in batches)
     return frames / seconds, batch * steps / seconds, batches
 
 
@@ -154,7 +243,7 @@ def step_rate(model: LongVILAModel, batches) -> float:
         (loss_sum / count).backward()
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    return sum(b.frames.shape[0] for b in batches) / seconds
+    return sum(b.num_frames for b in batches) / seconds
 
 
 def gpu_estimate(model: LongVILAModel, batches) -> float:
@@ -162,7 +251,7 @@ def gpu_estimate(model: LongVILAModel, batches) -> float:
     params = sum(p.numel() for p in model.parameters())
     tokens = sum(b.input_ids.numel() for b in batches)
     seconds = 6 * params * tokens / (A100_BF16_FLOPS * MFU)
-    return sum(b.frames.shape[0] for b in batches) / seconds
+    return sum(b.num_frames for b in batches) / seconds
 
 
 def main() -> None:
@@ -176,9 +265,20 @@ def main() -> None:
         action="store_true",
         help="do not run the (slow, ~12 GB) 1.5B training step on the CPU",
     )
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="run only section 3, the frames each sequence-parallel rank decodes and holds",
+    )
     parser.add_argument("--json", action="store_true", help="end stdout with the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    per_rank, ratios = decode_per_rank(args.repeats)
+    if args.decode_only:
+        print_decode_per_rank(per_rank)
+        if args.json:
+            print(json.dumps({"decode_per_rank": per_rank, "decode_per_rank_ratio": ratios}))
+        return
     init_distributed(torch.device("cpu"))
     init_model_parallel(ParallelConfig())
     tokenizer = AutoTokenizer.from_pretrained(synthetic_paths().tokenizer_dir)
@@ -243,7 +343,13 @@ def main() -> None:
             f" {r.get('step_frames_s_a100_est', float('nan')):>10.0f}"
         )
     print("(pipeline frames/s: rgb with 0 and 2 decode threads, then yuv; samples/s: rgb, 2 thr)")
-    results = {"frame_resizes": clips, "pipeline": rows}
+    print_decode_per_rank(per_rank)
+    results = {
+        "frame_resizes": clips,
+        "pipeline": rows,
+        "decode_per_rank": per_rank,
+        "decode_per_rank_ratio": ratios,
+    }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_pipeline.json").write_text(json.dumps(results, indent=2))

@@ -43,6 +43,8 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from longvila_mcore.data.packing import padding_multiples
+
 WORLD = 4
 LAYOUTS = {"2d": (2, 2), "ring": (1, 4), "ulysses": (4, 1), "all_gather": (1, 4)}
 RESULTS = Path(__file__).parent / "results" / "sp_attention.json"
@@ -307,7 +309,8 @@ def padding_overhead(seed: int = 0, samples: int = 64) -> list[dict]:
     for ulysses, ring in PADDING_LAYOUTS:
         n = ulysses * ring
         old = sum(up(x, 2 * n) for x in lengths)
-        new = up(sum(up(x, 2 * ring) for x in lengths), math.lcm(2 * ring, n))
+        sample, pack = padding_multiples(ulysses, ring)  # what data/packing.py pads to
+        new = up(sum(up(x, sample) for x in lengths), pack)
         raw = sum(lengths)
         rows.append(
             {"layout": f"{ulysses}x{ring}", "tokens": raw, "padded_old": old, "padded_new": new}

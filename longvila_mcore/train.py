@@ -97,6 +97,7 @@ def train(config: Config, token_order: str | None = None) -> None:
 
     from longvila_mcore.checkpoint.load import fill_weights
     from longvila_mcore.checkpoint.resume import resume_train_checkpoint, save_train_checkpoint
+    from longvila_mcore.data.packing import padding_multiples
     from longvila_mcore.data.pipeline import build_pipeline
     from longvila_mcore.models.longvila import LongVILAModel
     from longvila_mcore.runtime import init_model_parallel
@@ -159,10 +160,14 @@ def train(config: Config, token_order: str | None = None) -> None:
         max_length=stage.max_length,
         global_batch_size=train_cfg.global_batch_size,
         micro_batch_size=train_cfg.micro_batch_size,
-        pad_multiple=2 * parallel.sp,
+        # 2R per sample, N per pack: what the 2D attention needs, not 2N per sample.
+        pad_multiple=padding_multiples(parallel.ulysses, parallel.ring)[0],
+        pack_multiple=padding_multiples(parallel.ulysses, parallel.ring)[1],
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=dp,
         seed=train_cfg.seed,
+        sp_rank=model.sp.rank,  # the rank decodes only the frames it encodes
+        sp_size=model.sp.size,
     )
     step = 0
     if resume is not None:

@@ -14,6 +14,7 @@ from longvila_mcore.data.media import (
     fps_indices,
     load_image,
     load_video,
+    probe_video,
     uniform_indices,
 )
 from longvila_mcore.data.synthetic import encode_video
@@ -120,3 +121,47 @@ def test_unreadable_media_raise_media_error_naming_the_source(tmp_path):
         load_image(buffer.getvalue()[:200], VISION)
     with pytest.raises(ValueError, match="num_frames"):
         load_video(video, 0, VISION)
+
+
+def gop_video(n: int, rate: int = 8) -> bytes:
+    """H.264 with B-frames and a keyframe every 6 frames (open-GOP off): frames depend on each
+    other, so a range decoded after a seek must match a decode from the start."""
+    rng = np.random.default_rng(4)
+    frames = np.cumsum(rng.integers(-6, 7, (n, 32, 32, 3)), axis=0) % 256
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream(
+            "libx264", rate=rate, options={"x264-params": "keyint=6:min-keyint=6:bframes=2"}
+        )
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for frame in frames.astype(np.uint8):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("resize", ["rgb", "yuv"])
+def test_a_range_of_the_sampled_frames_equals_the_same_frames_of_a_whole_decode(resize):
+    """What a sequence-parallel rank decodes (a seek, then its range) equals its slice of the
+    whole decode, bit for bit: H.264 with B-frames and mkv (no frame count in the header), uniform
+    and fps sampling, ranges starting on, after and before keyframes."""
+    cases = [
+        (gop_video(40), 13, None),
+        (gop_video(40), 40, None),  # every frame
+        (counting_video(60), 8, None),
+        (counting_video(30, rate=10), 100, 2.0),
+    ]
+    for data, num_frames, fps in cases:
+        whole = load_video(data, num_frames, VISION, fps=fps, resize=resize)
+        video = probe_video(data, num_frames, VISION, fps=fps, resize=resize)
+        assert video.pts is not None and len(video) == whole.shape[0]
+        n = len(video)
+        for start, stop in [(0, n), (n - 1, n), (1, 4), (n // 3, n // 2), (n // 2, n), (3, 3)]:
+            assert torch.equal(video.load(start, stop), whole[start:stop]), (start, stop)
+
+
+def test_probing_a_truncated_video_names_it():
+    video = gop_video(40)
+    with pytest.raises(MediaError, match="bytes"):
+        probe_video(video[: len(video) // 2], 8, VISION)

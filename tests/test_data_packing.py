@@ -1,10 +1,13 @@
 """Packing samples into micro-batches: boundaries, padding, positions, limits."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from longvila_mcore.data.batch import IGNORE_INDEX
-from longvila_mcore.data.packing import collate, pack, plan_micro_batches
+from longvila_mcore.data.media import PreparedFrames
+from longvila_mcore.data.packing import collate, pack, padding_multiples, plan_micro_batches
 from longvila_mcore.data.samples import Sample
 
 PAD = 0
@@ -69,3 +72,65 @@ def test_most_frames_is_the_longest_sample_not_the_pack():
     three = pack([sample(20, frames=5, tokens_per_frame=3)], PAD, 4)  # another tokens_per_frame
     assert three.most_frames() == 5
     assert pack([sample(7), sample(5)], PAD, 4).most_frames() == 0
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 8])
+def test_each_sequence_parallel_rank_gets_the_layout_and_only_its_frames(size):
+    """5 frames over 2, 3, 4 (N does not divide F), 5 (F = N) and 8 (F < N) ranks: every rank's
+    pack has the whole pack's integer layout and exactly its block of the frames."""
+    samples = [sample(10, frames=3), sample(4), sample(9, frames=2)]
+    for s in samples:  # distinct frames
+        s.frames = [PreparedFrames(torch.randn(s.num_frames, 3, 2, 2))]
+    whole = pack(samples, PAD, 4)
+    assert whole.num_frames == 5 and whole.frame_offset == 0
+    per = -(-5 // size)
+    held = []
+    for rank in range(size):
+        ours = pack(samples, PAD, 4, sp_rank=rank, sp_size=size)
+        for name in ("input_ids", "media_index", "labels", "position_ids", "cu_seqlens"):
+            assert torch.equal(getattr(ours, name), getattr(whole, name)), name
+        start = min(rank * per, 5)
+        assert ours.num_frames == 5 and ours.frame_offset == start
+        assert torch.equal(ours.frames, whole.frames[start : start + per])
+        assert ours.frames.shape[1:] == (3, 2, 2)  # an empty block keeps the frame shape
+        assert torch.equal(whole.frames_of(rank, size).frames, ours.frames)
+        held.append(len(ours.frames))
+        assert ours.most_frames() == whole.most_frames() == 3
+    assert sum(held) == 5  # no frame twice in the group
+
+
+def test_a_batch_must_hold_the_frames_it_claims():
+    batch = pack([sample(10, frames=3)], PAD, 4, sp_rank=1, sp_size=2)
+    with pytest.raises(
+        ValueError, match="rank 0 of 2 encodes frames 0:2, but this batch holds 2:3"
+    ):
+        batch.frames_of(0, 2)
+    with pytest.raises(ValueError, match="not among the pack's num_frames=2"):
+        dataclasses.replace(batch, num_frames=2)
+
+
+@pytest.mark.parametrize("ulysses, ring", [(1, 1), (4, 1), (1, 4), (2, 2), (8, 4), (3, 2)])
+def test_samples_padded_to_2r_and_the_pack_to_n_are_what_the_attention_accepts(ulysses, ring):
+    """Each sample to 2R (1 without a ring), the last one further so the pack is a multiple of N:
+    the 2D attention's own check takes the boundaries, and no sample carries a whole 2R of
+    padding more than it needs except the last, which carries less than the pack multiple."""
+    from longvila_mcore.parallel.attention_2d import sample_boundaries
+
+    sample_multiple, pack_multiple = padding_multiples(ulysses, ring)
+    assert sample_multiple == (2 * ring if ring > 1 else 1)
+    assert pack_multiple % (ulysses * ring) == 0 and pack_multiple % sample_multiple == 0
+    lengths = [5, 9, 3, 17, 1]
+    batch = pack([sample(n) for n in lengths], PAD, sample_multiple, pack_multiple=pack_multiple)
+    bounds = tuple(batch.cu_seqlens.tolist())
+    assert sample_boundaries(bounds, len(batch.input_ids), ulysses, ring) == bounds
+    padded = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    for n, p in zip(lengths[:-1], padded[:-1]):
+        assert 0 <= p - n < sample_multiple
+    assert 0 <= padded[-1] - lengths[-1] < sample_multiple + pack_multiple
+    assert len(batch.input_ids) % pack_multiple == 0
+    assert batch.position_ids[bounds[-2] :].tolist() == list(range(padded[-1]))
+    assert (batch.labels[bounds[-2] + lengths[-1] :] == IGNORE_INDEX).all()
+    old = sum(-(-n // (2 * ulysses * ring)) * 2 * ulysses * ring for n in lengths)
+    assert len(batch.input_ids) <= old  # never more than every sample to 2N
+    with pytest.raises(ValueError, match="pack_multiple=6 must be a multiple of pad_multiple=4"):
+        pack([sample(5)], PAD, 4, pack_multiple=6)

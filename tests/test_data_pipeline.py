@@ -2,6 +2,7 @@
 
 import json
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,7 @@ def test_all_unusable_stops_with_a_clear_error(dataset, monkeypatch):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(max_length=250), "multiple of 2 x ulysses x ring = 4"),
+        (dict(max_length=250), "max_length=250 must be a positive multiple of 4"),
         (dict(micro_batch_size=0), "micro_batch_size"),
         (dict(dp_rank=2, dp_size=2), "rank 2 of 2"),
         (dict(kind="video"), "unknown sample kind"),
@@ -214,3 +215,61 @@ def test_damaged_shard_gives_the_samples_before_the_damage(dataset, tmp_path, ca
         part = [ref.key for ref in index_shard(str(cut))]
     assert 0 < len(part) < len(whole) and part == whole[: len(part)]
     assert "cut.tar is damaged at sample" in caplog.text
+
+
+def test_sequence_parallel_ranks_decode_and_hold_only_their_frames(dataset, monkeypatch):
+    """Packs of one sample, videos of 3 frames and single images, over 2 (N does not divide F),
+    3 (F = N) and 4 ranks (F < N): each rank gets the full-decode pipeline's layout, its block
+    of the frames bit for bit, and decodes exactly those frames."""
+    from longvila_mcore.data import media as media_module
+
+    decoded = []
+    load = media_module.VideoFrames.load
+
+    def counted(self, start, stop):
+        decoded.append(stop - start)
+        return load(self, start, stop)
+
+    monkeypatch.setattr(media_module.VideoFrames, "load", counted)
+    kw = dict(num_frames=3, micro_batch_size=1, global_batch_size=6)
+    full_pipeline = make(dataset, **kw)
+    whole = [b for _ in range(2) for b in next(full_pipeline)]
+    whole_decoded, decoded[:] = sum(decoded), []
+    assert {b.num_frames for b in whole} == {1, 3}  # images and videos
+    for size in (2, 3, 4):
+        held = torch.zeros(len(whole), dtype=torch.int64)
+        for rank in range(size):
+            pipeline = make(dataset, sp_rank=rank, sp_size=size, **kw)
+            ours = [b for _ in range(2) for b in next(pipeline)]
+            for i, (mine, full) in enumerate(zip(ours, whole, strict=True)):
+                for name in ("input_ids", "media_index", "labels", "position_ids", "cu_seqlens"):
+                    assert torch.equal(getattr(mine, name), getattr(full, name)), name
+                expected = full.frames_of(rank, size)
+                assert mine.num_frames == full.num_frames
+                assert mine.frame_offset == expected.frame_offset
+                assert torch.equal(mine.frames, expected.frames)
+                held[i] += len(mine.frames)
+        assert held.tolist() == [b.num_frames for b in whole]  # each frame on one rank
+        assert sum(decoded) == whole_decoded  # the group decodes each video frame once
+        decoded[:] = []
+    with pytest.raises(ValueError, match="sequence-parallel rank 4 of 4"):
+        make(dataset, sp_rank=4, sp_size=4)
+
+
+def test_workers_decode_the_next_step_ahead_without_moving_the_saved_position(dataset):
+    """With workers the next step's frames are decoded while this one trains, but the position
+    and skip counts saved are those of the steps returned, as without workers."""
+    _, broken, _ = dataset
+    shards = broken + "::" + dataset[0]["conversation"]
+    kw = dict(pattern=shards, global_batch_size=3, micro_batch_size=1, shuffle_buffer=0)
+    inline, ahead = make(dataset, **kw), make(dataset, num_workers=2, **kw)
+    for _ in range(4):
+        assert samples_of(next(ahead)) == samples_of(next(inline))
+        assert ahead.state_dict() == inline.state_dict()
+        assert isinstance(ahead._ahead[0], Future) and inline._ahead is None
+    assert sum(ahead.skipped.values()) > 0
+    resumed = make(dataset, num_workers=2, **kw)
+    resumed.load_state_dict(ahead.state_dict())
+    assert samples_of(next(resumed)) == samples_of(next(inline))
+    ahead.close()
+    assert ahead._ahead is None

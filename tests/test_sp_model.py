@@ -21,15 +21,16 @@ def model_config():
     return ModelConfig(llm=tiny_llm_config(), vision=tiny_vision_config())
 
 
-def packed_batch(tokens_per_frame: int):
-    """Two samples of 40 and 56 tokens (multiples of 2 x 4): 3 frames in the first, 2 in the
-    second, each frame followed by a newline token; targets on the text after the frames."""
+def packed_batch(tokens_per_frame: int, frame_counts: tuple[int, int] = (3, 2)):
+    """Two samples of 40 and 56 tokens (multiples of 2 x 4): `frame_counts` frames in each
+    (default 3 and 2), each frame followed by a newline token; targets on the text after the
+    frames."""
     from longvila_mcore.data.batch import IGNORE_INDEX, Batch
 
     g = torch.Generator().manual_seed(3)
     ids, media, labels, positions = [], [], [], []
     frame = 0
-    for length, frames in ((40, 3), (56, 2)):
+    for length, frames in zip((40, 56), frame_counts, strict=True):
         sample_media = [-1] * 2
         for _ in range(frames):
             sample_media += [frame * tokens_per_frame + t for t in range(tokens_per_frame)] + [-1]
@@ -50,12 +51,13 @@ def packed_batch(tokens_per_frame: int):
         labels=torch.cat(labels),
         position_ids=torch.cat(positions),
         cu_seqlens=torch.tensor([0, 40, 96]),
-        frames=torch.randn(5, 3, 16, 16, generator=g),
+        frames=torch.randn(frame, 3, 16, 16, generator=g),
     )
 
 
-def loss_and_grads(parallel):
-    """(mean loss over all targets, {name: gradient} summed over the sequence-parallel ranks)."""
+def loss_and_grads(parallel, frame_counts=(3, 2), own_frames=False):
+    """(mean loss over all targets, {name: gradient} summed over the sequence-parallel ranks);
+    with `own_frames` each rank's batch holds only the frames it encodes (Batch contract)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -66,7 +68,10 @@ def loss_and_grads(parallel):
     cfg = model_config()
     torch.manual_seed(0)
     model = LongVILAModel(cfg, parallel, torch.device("cpu"))
-    batch = packed_batch(cfg.tokens_per_frame)
+    batch = packed_batch(cfg.tokens_per_frame, frame_counts)
+    if own_frames:
+        batch = batch.frames_of(model.sp.rank, model.sp.size)
+        assert len(batch.frames) <= -(-batch.num_frames // model.sp.size)
     loss_sum, _ = model.loss(batch)
     (loss_sum / batch.num_targets).backward()
     cp = parallel_state.get_context_parallel_group()
@@ -80,17 +85,17 @@ def loss_and_grads(parallel):
     return (loss_sum / batch.num_targets).item(), grads
 
 
-def _compare_layouts():
+def _compare_layouts(frame_counts=(3, 2), own_frames=False):
     from megatron.core import parallel_state
 
     from longvila_mcore.checkpoint.mapping import tensor_parallel_slice
     from longvila_mcore.config import ParallelConfig
 
-    ref_loss, ref_grads = loss_and_grads(ParallelConfig())  # dp 4: each rank alone
+    ref_loss, ref_grads = loss_and_grads(ParallelConfig(), frame_counts)  # dp 4: each alone
     errors = {}
     for name, layout in LAYOUTS.items():
         parallel = ParallelConfig(**layout)
-        loss, grads = loss_and_grads(parallel)
+        loss, grads = loss_and_grads(parallel, frame_counts, own_frames)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         worst, worst_param = 0.0, None
         for pname, (grad, param) in grads.items():
@@ -112,3 +117,17 @@ def test_model_loss_and_gradients_match_one_process():
     errors = run_ranks(4, _compare_layouts)
     for layout, e in errors.items():
         assert e["loss"] <= TOLERANCE and e["grad"] <= TOLERANCE, (layout, e)
+
+
+def _compare_own_frames():
+    """F = 2 (< N at u2_r2, = N at tp2_u2), 4 (= N at u2_r2), 5 (N does not divide it)."""
+    return {
+        counts: _compare_layouts(counts, own_frames=True) for counts in ((1, 1), (2, 2), (3, 2))
+    }
+
+
+@pytest.mark.slow
+def test_each_rank_holding_only_its_frames_gives_the_one_process_loss_and_gradients():
+    for counts, errors in run_ranks(4, _compare_own_frames).items():
+        for layout, e in errors.items():
+            assert e["loss"] <= TOLERANCE and e["grad"] <= TOLERANCE, (counts, layout, e)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import av
 import numpy as np
@@ -85,6 +87,168 @@ def check_video_resize(resize: str) -> None:
         )
 
 
+class FrameSource(Protocol):
+    """The frames of one medium, prepared for the tower only when `load` asks for them."""
+
+    frame_shape: tuple[int, ...]
+    """One prepared frame's shape (`(3, S, S)` for pixels)."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, start: int, stop: int) -> torch.Tensor:
+        """Frames `start` to `stop` (of this medium's `len(self)`), `[stop - start, *frame_shape]`."""
+        ...
+
+
+@dataclass(frozen=True)
+class PreparedFrames:
+    """Frames already in memory (`[F, ...]`: pixels, or ids an `encode` callback understands)."""
+
+    frames: torch.Tensor
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        return tuple(self.frames.shape[1:])
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    def load(self, start: int, stop: int) -> torch.Tensor:
+        return self.frames[start:stop]
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """A video's sampled frames, known from its container (`probe_video`), decoded per range.
+
+    `load(start, stop)` seeks to the keyframe before the first frame of the range and decodes up
+    to its last, so a sequence-parallel rank decodes only the frames it encodes; the frames equal
+    those of a decode from the start (a test keeps them equal).
+    """
+
+    source: MediaSource
+    indices: tuple[int, ...]
+    """The sampled frames' indices in the video, increasing."""
+    pts: tuple[int, ...] | None
+    """Their presentation timestamps (None when the container has none: decoded from the start)."""
+    resize: str
+    vision: VisionConfig
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        return (3, self.vision.image_size, self.vision.image_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, start: int, stop: int) -> torch.Tensor:
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"frames {start}:{stop} of a video of {len(self)} sampled frames")
+        if start == stop:
+            return torch.empty(0, *self.frame_shape)
+        name = _describe(self.source)
+        to_tower, size = _FRAME_TO_TOWER[self.resize], self.vision.image_size
+        try:
+            frames = []
+            if self.pts is not None:
+                frames = _decode_from_pts(self.source, self.pts[start:stop], to_tower, size)
+            if len(frames) < stop - start:  # no timestamps, or a seek that missed: from the start
+                frames = _decode(self.source, list(self.indices[start:stop]), to_tower, size)
+        except (av.FFmpegError, OSError) as err:
+            raise MediaError(f"cannot decode video {name}: {err}") from err
+        if len(frames) < stop - start:
+            raise MediaError(
+                f"video {name} decoded {len(frames)} of its sampled frames {start}:{stop}; "
+                "the file is damaged (tools/make_shards checks every frame of a video)"
+            )
+        return normalize(np.stack(frames), self.vision)
+
+
+@dataclass(frozen=True)
+class ImageFrames:
+    """One image (checked to decode by `probe_image`), resized and normalised on `load`."""
+
+    source: MediaSource
+    vision: VisionConfig
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        return (3, self.vision.image_size, self.vision.image_size)
+
+    def __len__(self) -> int:
+        return 1
+
+    def load(self, start: int, stop: int) -> torch.Tensor:
+        if not 0 <= start <= stop <= 1:
+            raise ValueError(f"frames {start}:{stop} of an image (one frame)")
+        if start == stop:
+            return torch.empty(0, *self.frame_shape)
+        return load_image(self.source, self.vision)
+
+
+def probe_video(
+    source: MediaSource,
+    num_frames: int,
+    vision: VisionConfig,
+    *,
+    fps: float | None = None,
+    resize: str = "rgb",
+    keep_start: bool = False,
+) -> VideoFrames:
+    """Which frames of a video `load_video` samples, from its container alone (no decoding).
+
+    The packets are read (demuxed, not decoded) for the frame count and timestamps; a video
+    with fewer packets than its header promises is truncated. Raises MediaError naming the
+    source when it cannot be opened, has no frames or is truncated.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames={num_frames} must be >= 1")
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps={fps} must be > 0 (or None for uniform sampling)")
+    check_video_resize(resize)
+    name = _describe(source)
+    try:
+        with _open(source) as container:
+            if not container.streams.video:
+                raise MediaError(f"{name} has no video stream")
+            stream = container.streams.video[0]
+            promised = stream.frames
+            rate = stream.average_rate or stream.guessed_rate
+            pts = [p.pts for p in container.demux(stream) if p.size]
+    except (av.FFmpegError, OSError) as err:
+        raise MediaError(
+            f"cannot decode video {name}: {err}; check that it exists and is a complete video file"
+        ) from err
+    total = len(pts)
+    if total == 0:
+        raise MediaError(f"{name} has no frames")
+    if total < promised:
+        raise MediaError(
+            f"video {name} holds {total} frames but its header promises {promised}; "
+            "the file is truncated"
+        )
+    if fps is None:
+        wanted = uniform_indices(total, num_frames)
+    elif rate is None:
+        raise MediaError(f"{name} has no frame rate; sample it uniformly (fps=None)")
+    elif keep_start:
+        wanted = fps_indices(total, float(rate), fps, total)[:num_frames]
+    else:
+        wanted = fps_indices(total, float(rate), fps, num_frames)
+    if fps is None and total < num_frames:
+        logger.debug("%s has %d frames, fewer than %d: taking all", name, total, num_frames)
+    # Frames come out of the decoder in presentation order: frame i has the i-th smallest pts.
+    known = None not in pts and len(set(pts)) == total
+    ordered = sorted(pts) if known else None
+    return VideoFrames(
+        source,
+        tuple(wanted),
+        tuple(ordered[i] for i in wanted) if ordered else None,
+        resize,
+        vision,
+    )
+
+
 def load_video(
     source: MediaSource,
     num_frames: int,
@@ -99,47 +263,11 @@ def load_video(
     Frames are sampled uniformly over the clip, or at `fps` frames a second when given (both
     capped at `num_frames`: a longer clip at `fps` gives `num_frames` uniform frames, or with
     `keep_start` its first `num_frames`), and resized as `resize` says (VIDEO_RESIZES). Raises
-    MediaError naming the source when it cannot be decoded.
+    MediaError naming the source when it cannot be decoded. `probe_video` + `load` of a range
+    decodes part of them.
     """
-    if num_frames < 1:
-        raise ValueError(f"num_frames={num_frames} must be >= 1")
-    if fps is not None and fps <= 0:
-        raise ValueError(f"fps={fps} must be > 0 (or None for uniform sampling)")
-    check_video_resize(resize)
-    name = _describe(source)
-    try:
-        with _open(source) as container:
-            if not container.streams.video:
-                raise MediaError(f"{name} has no video stream")
-            stream = container.streams.video[0]
-            total = stream.frames
-            rate = stream.average_rate or stream.guessed_rate
-        if total <= 0:  # containers such as mkv do not store the count: count packets instead
-            with _open(source) as container:
-                total = sum(1 for p in container.demux(video=0) if p.size)
-        if total == 0:
-            raise MediaError(f"{name} has no frames")
-        if fps is None:
-            wanted = uniform_indices(total, num_frames)
-        elif rate is None:
-            raise MediaError(f"{name} has no frame rate; sample it uniformly (fps=None)")
-        elif keep_start:
-            wanted = fps_indices(total, float(rate), fps, total)[:num_frames]
-        else:
-            wanted = fps_indices(total, float(rate), fps, num_frames)
-        if fps is None and total < num_frames:
-            logger.debug("%s has %d frames, fewer than %d: taking all", name, total, num_frames)
-        frames = _decode(source, wanted, _FRAME_TO_TOWER[resize], vision.image_size)
-    except (av.FFmpegError, OSError) as err:
-        raise MediaError(
-            f"cannot decode video {name}: {err}; check that it exists and is a complete video file"
-        ) from err
-    if len(frames) < len(wanted):
-        raise MediaError(
-            f"video {name} has fewer frames than the {total} its header promises (decoded "
-            f"{len(frames)} of the {len(wanted)} sampled); the file is truncated"
-        )
-    return normalize(np.stack(frames), vision)
+    video = probe_video(source, num_frames, vision, fps=fps, resize=resize, keep_start=keep_start)
+    return video.load(0, len(video))
 
 
 def load_image(source: MediaSource, vision: VisionConfig) -> torch.Tensor:
@@ -154,6 +282,12 @@ def load_image(source: MediaSource, vision: VisionConfig) -> torch.Tensor:
             f"cannot decode image {name}: {err}; check that it exists and is a complete image"
         ) from err
     return normalize(rgb[None], vision)
+
+
+def probe_image(source: MediaSource, vision: VisionConfig) -> ImageFrames:
+    """An image checked to decode (every rank checks, only the rank encoding it prepares it)."""
+    check_image(source)
+    return ImageFrames(source, vision)
 
 
 def check_video(source: MediaSource) -> int:
@@ -230,6 +364,29 @@ def _decode(
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index == wanted[len(frames)]:
+                frames.append(to_tower(frame, size))
+                if len(frames) == len(wanted):
+                    break
+    return frames
+
+
+def _decode_from_pts(
+    source: MediaSource,
+    wanted: tuple[int, ...],
+    to_tower: Callable[[av.VideoFrame, int], np.ndarray],
+    size: int,
+) -> list[np.ndarray]:
+    """The frames of presentation timestamps `wanted` (increasing), as uint8 `[S, S, 3]`: a seek
+    to the keyframe at or before the first, then decoding up to the last."""
+    frames: list[np.ndarray] = []
+    with _open(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        container.seek(wanted[0], stream=stream, backward=True)
+        for frame in container.decode(stream):
+            if frame.pts is None or frame.pts > wanted[len(frames)]:
+                break  # the seek landed past the frame, or a frame is missing: the caller says
+            if frame.pts == wanted[len(frames)]:
                 frames.append(to_tower(frame, size))
                 if len(frames) == len(wanted):
                     break

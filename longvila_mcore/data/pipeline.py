@@ -11,7 +11,13 @@ Semantics (one deterministic stream for any layout):
   rank. Skips only shift the rank's own sub-stream; no communication is needed.
   MAX_SKIPS_IN_A_ROW unusable samples in a row stop the run (the data or max_length is wrong).
 - The step's samples are padded to a multiple of `pad_multiple` and packed greedily, in stream
-  order, into micro-batches (packing.py). Ranks may get different numbers of micro-batches.
+  order, into micro-batches, each padded to a multiple of `pack_multiple` (packing.py). Ranks may get different numbers of micro-batches.
+- Every rank of a sequence-parallel group (and each of its tensor-parallel ranks) reads the same
+  samples and lays out the same micro-batches, but decodes and holds only the frames it encodes
+  (`sp_rank` of `sp_size`; Batch contract): a video's container gives the frame count, so the
+  layout needs no decoding, and a rank's frames are decoded after a seek to their time range.
+- With `num_workers`, samples are built that many ahead in threads, and the next step's frames
+  are decoded in a worker while the current step trains.
 - `state_dict()` is the position in the stream; a pipeline loaded with it continues exactly as
   the uninterrupted one would, without decoding the samples before it.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
@@ -50,6 +56,10 @@ class StreamPosition(NamedTuple):
     consumed: int
 
 
+_Step = tuple["list[Batch] | Future[list[Batch]]", StreamPosition, dict[str, int]]
+"""A step's micro-batches (or their future), the stream position after it, its skips."""
+
+
 class Pipeline:
     """An endless iterator of steps; each step is this rank's `list[Batch]`."""
 
@@ -69,10 +79,20 @@ class Pipeline:
         seed: int,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
+        pack_multiple: int | None = None,
+        sp_rank: int = 0,
+        sp_size: int = 1,
     ):
+        pack_multiple = pack_multiple or pad_multiple
         _check_layout(
-            max_length, global_batch_size, micro_batch_size, pad_multiple, dp_rank, dp_size
+            max_length,
+            global_batch_size,
+            micro_batch_size,
+            (pad_multiple, pack_multiple),
+            dp_rank,
+            dp_size,
         )
+        _check_sp_rank(sp_rank, sp_size)
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: decode inline)")
         self.shards = shards
@@ -80,10 +100,11 @@ class Pipeline:
         self.kind = kind
         self.max_length = max_length
         self.micro_batch_size = micro_batch_size
-        self.pad_multiple = pad_multiple
+        self.pad_multiple, self.pack_multiple = pad_multiple, pack_multiple
         self.pad_id = pad_id
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.sp_rank, self.sp_size = sp_rank, sp_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_rank = global_batch_size // dp_size
@@ -93,6 +114,8 @@ class Pipeline:
         self._executor = ThreadPoolExecutor(num_workers) if num_workers else None
         self._lookahead = num_workers
         self._results: Iterator[tuple[StreamPosition, SampleRef, Sample | Exception]] | None = None
+        self._ahead: _Step | Exception | None = None
+        """The next step, started early (with workers)."""
 
     def __iter__(self) -> Pipeline:
         return self
@@ -100,30 +123,60 @@ class Pipeline:
     def __next__(self) -> list[Batch]:
         if self._results is None:
             self._results = self._decoded(self._position)
+        step = self._ahead or self._start_step()
+        # With workers, the next step's frames are decoded while this one trains.
+        self._ahead = self._start_step() if self._executor is not None else None
+        if isinstance(step, Exception):
+            raise step
+        batches, self._position, skipped = step
+        for reason, count in skipped.items():
+            self.skipped[reason] += count
+        return batches if isinstance(batches, list) else batches.result()
+
+    def _start_step(self) -> _Step | Exception:
+        """The next step's samples laid out; their frames prepared now, or by a worker."""
+        try:
+            samples, position, skipped = self._next_samples()
+        except RuntimeError as err:  # too many unusable samples: raised when the step is due
+            return err
+        if self._executor is None:
+            return self._collate(samples), position, skipped
+        return self._executor.submit(self._collate, samples), position, skipped
+
+    def _next_samples(self) -> tuple[list[Sample], StreamPosition, dict[str, int]]:
+        """A step's samples, the position after them and the samples skipped on the way."""
         samples: list[Sample] = []
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
         in_a_row = 0
         while len(samples) < self.samples_per_rank:
-            self._position, ref, result = next(self._results)
+            position, ref, result = next(self._results)
             problem = self._problem(ref, result)
             if problem is None:
                 samples.append(result)
                 in_a_row = 0
                 continue
             reason, message = problem
-            self.skipped[reason] += 1
+            skipped[reason] += 1
             logger.warning("skipped (%s) %s", reason, message)
             in_a_row += 1
             if in_a_row == MAX_SKIPS_IN_A_ROW:
+                so_far = {k: self.skipped[k] + skipped[k] for k in SKIP_REASONS}
                 raise RuntimeError(
-                    f"{in_a_row} samples in a row were unusable (skipped so far: {self.skipped}), "
+                    f"{in_a_row} samples in a row were unusable (skipped so far: {so_far}), "
                     f"the last: {message}; check the data.{self.kind} shards and max_length"
                 )
+        return samples, position, skipped
+
+    def _collate(self, samples: list[Sample]) -> list[Batch]:
         return collate(
             samples,
             micro_batch_size=self.micro_batch_size,
             max_length=self.max_length,
             pad_id=self.pad_id,
             pad_multiple=self.pad_multiple,
+            pack_multiple=self.pack_multiple,
+            sp_rank=self.sp_rank,
+            sp_size=self.sp_size,
         )
 
     def state_dict(self) -> dict:
@@ -151,7 +204,10 @@ class Pipeline:
         self.skipped = dict.fromkeys(SKIP_REASONS, 0) | state["skipped"]
 
     def close(self) -> None:
-        """Drop the samples decoded ahead (they are decoded again if needed)."""
+        """Drop the samples and the step decoded ahead (they are decoded again if needed)."""
+        if isinstance(self._ahead, tuple) and isinstance(self._ahead[0], Future):
+            self._ahead[0].cancel()
+        self._ahead = None
         if self._results is not None:
             self._results.close()
             self._results = None
@@ -229,14 +285,28 @@ def build_pipeline(
     dp_rank: int,
     dp_size: int,
     seed: int,
+    pack_multiple: int | None = None,
+    sp_rank: int = 0,
+    sp_size: int = 1,
 ) -> Pipeline:
     """The pipeline of one stage on one data-parallel rank (the entry point of the training loop).
 
     `kind` is the stage's sample kind (`caption`, `interleaved`, `conversation`, `text`) and picks
-    the shard pattern `data.<kind>`; `pad_multiple` is 2 x ulysses x ring. The tokenizer must hold
-    the media tokens (tokenizer.ensure_media_tokens).
+    the shard pattern `data.<kind>`; a sample is padded to `pad_multiple` and a micro-batch to
+    `pack_multiple` (default `pad_multiple`; `packing.padding_multiples` gives both for a
+    sequence-parallel layout). The tokenizer must hold
+    the media tokens (tokenizer.ensure_media_tokens). The batches hold the frames that
+    sequence-parallel rank `sp_rank` of `sp_size` encodes (all of them by default).
     """
-    _check_layout(max_length, global_batch_size, micro_batch_size, pad_multiple, dp_rank, dp_size)
+    pack_multiple = pack_multiple or pad_multiple
+    _check_layout(
+        max_length,
+        global_batch_size,
+        micro_batch_size,
+        (pad_multiple, pack_multiple),
+        dp_rank,
+        dp_size,
+    )
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one (Qwen2 uses <|endoftext|>)")
     builder = SampleBuilder(
@@ -261,6 +331,9 @@ def build_pipeline(
         seed=seed,
         shuffle_buffer=data.shuffle_buffer,
         num_workers=data.num_workers,
+        pack_multiple=pack_multiple,
+        sp_rank=sp_rank,
+        sp_size=sp_size,
     )
 
 
@@ -285,10 +358,11 @@ def _check_layout(
     max_length: int,
     global_batch_size: int,
     micro_batch_size: int,
-    pad_multiple: int,
+    multiples: tuple[int, int],
     dp_rank: int,
     dp_size: int,
 ) -> None:
+    pad_multiple, pack_multiple = multiples
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"data-parallel rank {dp_rank} of {dp_size} is not a valid rank")
     if global_batch_size < 1 or global_batch_size % dp_size:
@@ -298,8 +372,19 @@ def _check_layout(
         )
     if micro_batch_size < 1:
         raise ValueError(f"train.micro_batch_size={micro_batch_size} must be >= 1")
-    if pad_multiple < 1 or max_length < pad_multiple or max_length % pad_multiple:
+    if pad_multiple < 1 or pack_multiple % pad_multiple:
         raise ValueError(
-            f"max_length={max_length} must be a positive multiple of 2 x ulysses x ring = "
-            f"{pad_multiple}; change the stage's max_length or the sequence-parallel layout"
+            f"pack_multiple={pack_multiple} must be a multiple of pad_multiple={pad_multiple} "
+            "(packing.padding_multiples gives both for a sequence-parallel layout)"
         )
+    if max_length < pack_multiple or max_length % pack_multiple:
+        raise ValueError(
+            f"max_length={max_length} must be a positive multiple of {pack_multiple} (a pack is "
+            "a multiple of ulysses x ring, and of 2 x ring with a ring); change the stage's "
+            "max_length or the sequence-parallel layout"
+        )
+
+
+def _check_sp_rank(sp_rank: int, sp_size: int) -> None:
+    if sp_size < 1 or not 0 <= sp_rank < sp_size:
+        raise ValueError(f"sequence-parallel rank {sp_rank} of {sp_size} is not a valid rank")

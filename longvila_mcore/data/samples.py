@@ -7,15 +7,18 @@
 | `conversation` | `json` + media (`mp4`/`jpg`/`png` or `0.jpg`, `1.mp4`, ...) | chat template; targets: assistant replies + ends |
 | `text`         | `npy` (int32 token ids)       | the ids; targets: all                               |
 
-Building a sample raises MediaError for undecodable media and BadSample for anything else that
-makes it unusable; the pipeline counts both and moves on.
+Building a sample lays its tokens out without decoding its videos (their containers give the
+frame count, `media.probe_video`); images are checked to decode. Frames are prepared later, by the
+sequence-parallel rank that encodes them (`packing.pack`). Building raises MediaError for
+undecodable media and BadSample for anything else that makes it unusable; the pipeline counts
+both and moves on.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,7 +27,13 @@ from transformers import PreTrainedTokenizerBase
 from longvila_mcore.config import VisionConfig
 from longvila_mcore.data.chat import ConversationError, conversation_messages, render_chat
 from longvila_mcore.data.layout import MediaLayout, shift_labels
-from longvila_mcore.data.media import check_video_resize, load_image, load_video
+from longvila_mcore.data.media import (
+    FrameSource,
+    PreparedFrames,
+    check_video_resize,
+    probe_image,
+    probe_video,
+)
 from longvila_mcore.data.tokenizer import IM_END, encode_text, token_id
 
 KINDS = ("caption", "interleaved", "conversation", "text")
@@ -48,11 +57,20 @@ class Sample:
     input_ids: torch.Tensor
     media_index: torch.Tensor
     labels: torch.Tensor
-    frames: torch.Tensor
-    """`[F, 3, S, S]` float32, F = 0 for text."""
+    frames: list[FrameSource] | torch.Tensor = field(default_factory=list)
+    """Its media in order, each prepared only when loaded (an `[F, ...]` tensor given here is
+    one medium of prepared frames); none for text."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.frames, torch.Tensor):
+            self.frames = [PreparedFrames(self.frames)]
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def num_frames(self) -> int:
+        return sum(len(medium) for medium in self.frames)
 
 
 class SampleBuilder:
@@ -99,13 +117,12 @@ class SampleBuilder:
         except ValueError as err:  # media token strings inside the text itself
             reason = "bad_conversation" if kind == "conversation" else "malformed"
             raise BadSample(reason, str(err)) from err
-        size = self.vision.image_size
         return Sample(
             key=key,
             input_ids=expanded.input_ids,
             media_index=expanded.media_index,
             labels=shift_labels(expanded.input_ids, expanded.is_target),
-            frames=torch.cat(frames) if frames else torch.empty(0, 3, size, size),
+            frames=frames,
         )
 
     def _caption(self, files):
@@ -115,7 +132,7 @@ class SampleBuilder:
         text = encode_text(self.tokenizer, caption) + [self.end_id]
         ids = [self.layout.image_id, *text]
         targets = [False] + [True] * len(text)
-        return ids, targets, [load_image(_one_of(files, IMAGE_EXTENSIONS), self.vision)]
+        return ids, targets, [probe_image(_one_of(files, IMAGE_EXTENSIONS), self.vision)]
 
     def _interleaved(self, files):
         segments = _json(files, "malformed").get("segments")
@@ -131,7 +148,7 @@ class SampleBuilder:
                 names = [f"{segment['image']}.{ext}" for ext in IMAGE_EXTENSIONS]
                 ids.append(self.layout.image_id)
                 targets.append(False)
-                frames.append(load_image(_one_of(files, names), self.vision))
+                frames.append(probe_image(_one_of(files, names), self.vision))
             else:
                 raise BadSample(
                     "malformed", f"segment {segment!r} is not {{text: str}} or {{image: int}}"
@@ -149,9 +166,9 @@ class SampleBuilder:
             raise BadSample("bad_conversation", str(err)) from err
         ids, targets = render_chat(self.tokenizer, messages)
         frames = [
-            load_video(data, self.num_frames, self.vision, fps=self.fps, resize=self.video_resize)
+            probe_video(data, self.num_frames, self.vision, fps=self.fps, resize=self.video_resize)
             if kind == "video"
-            else load_image(data, self.vision)
+            else probe_image(data, self.vision)
             for kind, data in media
         ]
         return ids, targets, frames

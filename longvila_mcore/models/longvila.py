@@ -120,6 +120,8 @@ class LongVILAModel(MegatronModule):
             self._embed_tokens,
             self.cfg.tokens_per_frame,
             batch.cu_seqlens,
+            batch.num_frames,
+            batch.frame_offset,
         ).unsqueeze(1)
 
     def hidden_states(

@@ -11,7 +11,8 @@ return to the rank that encoded the frame; it embeds its own text tokens and ass
 `[S/N, hidden]` shard. Only the integer layout (`media_index`, S entries) is global: no rank holds
 more than S/N token embeddings plus its own ceil(F / N) frames' features.
 
-Every rank of the group must call `embed` with the same full batch (the Batch contract).
+Every rank of the group calls `embed` with the same integer layout and the frames it encodes, or
+any range of frames around them (the Batch contract: `Batch.frames`, `num_frames`, `frame_offset`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from longvila_mcore.data.batch import frame_block
 from longvila_mcore.parallel.attention_2d import CuSeqlens, SequenceParallel
 from longvila_mcore.parallel.collectives import all_to_all_variable
 
@@ -35,9 +37,8 @@ class ImageFirstSharder:
 
     def frame_slice(self, num_frames: int) -> slice:
         """The frames this rank encodes: a contiguous block of at most ceil(F / N)."""
-        per = self.frames_per_rank(num_frames)
-        start = min(self.sp.rank * per, num_frames)
-        return slice(start, min(start + per, num_frames))
+        block = frame_block(num_frames, self.sp.rank, self.sp.size)
+        return slice(block.start, block.stop)
 
     def embed(
         self,
@@ -48,15 +49,21 @@ class ImageFirstSharder:
         embed_tokens: Callable[[torch.Tensor], torch.Tensor],
         tokens_per_frame: int,
         cu_seqlens: CuSeqlens = None,
+        num_frames: int | None = None,
+        frame_offset: int = 0,
     ) -> torch.Tensor:
         """This rank's `[S/N, hidden]` input embeddings, in `sp.shard(..., cu_seqlens)` order.
 
-        `input_ids`, `media_index` `[S]` (global, Batch contract), `frames` `[F, 3, H, W]`;
-        `encode(frames [f, ...]) -> [f, tokens_per_frame, hidden]`; `embed_tokens(ids [n]) ->
-        [n, hidden]`; `cu_seqlens` the global sample boundaries (None: one sample).
+        `input_ids`, `media_index` `[S]` (global, Batch contract); `frames` `[f, 3, H, W]` the
+        global frames `frame_offset` to `frame_offset + f` of the pack's `num_frames` (default:
+        all of them), holding at least this rank's `frame_slice`; `encode(frames [f, ...]) ->
+        [f, tokens_per_frame, hidden]`; `embed_tokens(ids [n]) -> [n, hidden]`; `cu_seqlens`
+        the global sample boundaries (None: one sample).
         """
         sp, n = self.sp, self.sp.size
-        total, num_frames = input_ids.shape[0], frames.shape[0]
+        total = input_ids.shape[0]
+        if num_frames is None:
+            num_frames = frames.shape[0]
         media_tokens = num_frames * tokens_per_frame
         if media_index.shape != input_ids.shape or int(media_index.max()) >= media_tokens:
             raise ValueError(
@@ -74,7 +81,7 @@ class ImageFirstSharder:
         text = embed_tokens(input_ids[mine[text_pos]])
         if num_frames == 0:
             return text
-        features = self._encode_block(frames, encode, tokens_per_frame)
+        features = self._encode_block(frames, num_frames, frame_offset, encode, tokens_per_frame)
         rows_per_rank = features.shape[0]
         owner = torch.where(media >= 0, media // rows_per_rank, -1)
         # To each rank, in its shard order, the media tokens of the frames this rank encoded.
@@ -96,12 +103,22 @@ class ImageFirstSharder:
     def _encode_block(
         self,
         frames: torch.Tensor,
+        num_frames: int,
+        frame_offset: int,
         encode: Callable[[torch.Tensor], torch.Tensor],
         tokens_per_frame: int,
     ) -> torch.Tensor:
         """This rank's frames, zero-padded to ceil(F / N), encoded: `[ceil(F/N) * tpf, hidden]`."""
-        block = frames[self.frame_slice(frames.shape[0])]
-        missing = self.frames_per_rank(frames.shape[0]) - block.shape[0]
+        mine = self.frame_slice(num_frames)
+        start, stop = mine.start - frame_offset, mine.stop - frame_offset
+        if start < 0 or stop > frames.shape[0]:
+            raise ValueError(
+                f"sequence-parallel rank {self.sp.rank} encodes frames {mine.start}:{mine.stop} "
+                f"of {num_frames}, but was given frames {frame_offset}:"
+                f"{frame_offset + frames.shape[0]}; pass Batch.frames_of(rank, size)'s frames"
+            )
+        block = frames[start:stop]
+        missing = self.frames_per_rank(num_frames) - block.shape[0]
         if missing:
             block = torch.cat([block, block.new_zeros((missing, *block.shape[1:]))])
         features = encode(block)
