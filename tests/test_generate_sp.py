@@ -210,18 +210,23 @@ def _answers(stdout: str):
 
 
 @pytest.mark.slow
-def test_cli_prompts_sampling_stop_and_streaming(tmp_path_factory, single_rank):
+def test_cli_prompts_sampling_stop_and_streaming(tmp_path_factory):
     """Two questions about one video against each asked alone; sampling under Ulysses 2 on two
     torchrun ranks against one process for a seed; a stop string cuts the text."""
     import numpy as np
 
-    from longvila_mcore.config import model_preset
+    from longvila_mcore.data.tokenizer import train_tokenizer
+    from tests.hf_reference import make_vila_checkpoint, tiny_llm_config, tiny_vision_config
     from tests.test_data_media import lossless_video
-    from tests.test_needle_eval import tiny_checkpoint
+    from tests.test_generate import TEXTS
 
     root = tmp_path_factory.mktemp("cli")
-    checkpoint = tiny_checkpoint(root)
-    size = model_preset("longvila_tiny").vision.image_size
+    vision = tiny_vision_config()
+    checkpoint = make_vila_checkpoint(
+        root / "ckpt", train_tokenizer(TEXTS, 300, root / "tokenizer"),
+        tiny_llm_config(vocab_size=320), vision, qk_scale=10.0,
+    )  # fmt: skip
+    size = vision.image_size
     pixels = np.random.default_rng(0).integers(0, 256, (10, size, size, 3), dtype=np.uint8)
     video = root / "clip.mkv"
     video.write_bytes(lossless_video(pixels, rate=4))
