@@ -1,42 +1,47 @@
-"""Answer a question about videos and images: `python -m longvila_mcore.generate --load DIR
---video PATH [--video PATH ...] [--image PATH ...] --prompt TEXT [--num-frames N]
-[--max-new-tokens K] [--video-resize rgb|yuv] [--json] [--token-order raster|legacy]`.
+"""Answer questions about videos and images: `[torchrun --nproc-per-node N] python -m
+longvila_mcore.generate --load DIR --video PATH [--video PATH ...] [--image PATH ...] --prompt TEXT
+[--prompt TEXT ...] [--num-frames N] [--max-new-tokens K] [--temperature T --top-p P --seed S]
+[--stop TEXT ...] [--ulysses U] [--ring R] [--tp T] [--video-resize rgb|yuv] [--json]
+[--token-order raster|legacy]`.
 
 DIR is a VILA-layout HF checkpoint or a checkpoint this project wrote. Each video is decoded with
 PyAV, `--num-frames` frames are sampled uniformly and preprocessed for the tower as VILA does it
 (`--video-resize yuv`: the faster resize before the conversion to RGB), images take the same
 path. The prompt goes through the tokenizer's chat template with the media as VILA's
 LLaVADataset places them in training: images then videos, each in the order given, their tokens
-opening the user turn (`<image><vila/video>` + prompt). Decoding is greedy with a KV cache.
-Under torchrun, the ranks split the model tensor-parallel. The projector's token
-order is the one the checkpoint records (raster for a released VILA-layout directory) unless
-`--token-order` says otherwise.
+opening the user turn (`<image><vila/video>` + prompt). The projector's token order is the one
+the checkpoint records (raster for a released VILA-layout directory) unless `--token-order` says
+otherwise.
+
+Under torchrun the N = tp x ulysses x ring ranks split the model tensor-parallel and the sequence
+over ulysses x ring: the media and the text before the questions are prefilled through the
+image-first sharder and the 2D attention, and their KV cache stays sharded where it was computed
+(inference/session.py). Several `--prompt`s are answered one after the other about the same
+prefilled media (encoded once). Decoding is greedy unless `--temperature` > 0. Rank 0 streams
+each answer to stdout, one line per prompt; with `--json` each answer's line is followed by
+`{"text": ..., "token_ids": [...]}` (the last line of stdout is the last answer's).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from longvila_mcore.checkpoint.hf import CheckpointError
 from longvila_mcore.checkpoint.load import load_for_inference
 from longvila_mcore.config import TOKEN_ORDERS, ParallelConfig
-from longvila_mcore.data.batch import IGNORE_INDEX, Batch
 from longvila_mcore.data.chat import render_prompt
-from longvila_mcore.data.layout import MediaLayout
+from longvila_mcore.data.layout import Expanded, MediaLayout
 from longvila_mcore.data.media import VIDEO_RESIZES, MediaError, load_image, load_video
 from longvila_mcore.data.tokenizer import IM_END, token_id
+from longvila_mcore.inference.sampling import Sampler, TextStream
+from longvila_mcore.inference.session import Session
 from longvila_mcore.models.longvila import LongVILAModel
-from longvila_mcore.models.qwen2 import Qwen2Model
-from longvila_mcore.parallel.core_attention import KVCache
 from longvila_mcore.runtime import (
     default_device,
     default_dtype,
@@ -45,24 +50,6 @@ from longvila_mcore.runtime import (
 )
 
 log = logging.getLogger("longvila_mcore.generate")
-
-
-@contextlib.contextmanager
-def kv_cache(llm: Qwen2Model) -> Iterator[None]:
-    """Give every decoder layer's attention a fresh KV cache for the duration of the block."""
-    attentions = [layer.self_attention.core_attention for layer in llm.decoder.layers]
-    for attention in attentions:
-        attention.kv_cache = KVCache()
-    try:
-        yield
-    finally:
-        for attention in attentions:
-            attention.kv_cache = None
-
-
-def _next_token(llm: Qwen2Model, hidden_last: torch.Tensor) -> int:
-    logits = gather_from_tensor_model_parallel_region(llm.logits(hidden_last))
-    return int(logits[-1, 0, : llm.true_vocab_size].argmax())
 
 
 @torch.no_grad()
@@ -74,29 +61,24 @@ def greedy_generate(
     max_new_tokens: int,
     stop_id: int,
 ) -> list[int]:
-    """Greedy continuation of one prompt `[S]` whose media positions read `frames`."""
-    model.eval()
-    length = input_ids.shape[0]
-    device = frames.device
-    prompt = Batch(
-        input_ids=input_ids,
-        media_index=media_index,
-        labels=torch.full_like(input_ids, IGNORE_INDEX),
-        position_ids=torch.arange(length),
-        cu_seqlens=torch.tensor([0, length]),
-        frames=frames,
-    ).to(device)
-    llm = model.llm
-    tokens: list[int] = []
-    with kv_cache(llm):
-        hidden = llm.hidden_states(model.embed(prompt), prompt.position_ids[None])
-        for position in range(length, length + max_new_tokens):
-            tokens.append(_next_token(llm, hidden[-1:]))
-            if tokens[-1] == stop_id:
-                break
-            ids = torch.tensor([[tokens[-1]]], device=device)
-            hidden = llm.hidden_states(llm.embed(ids), torch.tensor([[position]], device=device))
-    return tokens
+    """Greedy continuation of one prompt `[S]` whose media positions read `frames`, on the
+    model's sequence-parallel layout (every rank calls it alike)."""
+    with Session(model, input_ids, media_index, frames, pad_id=0) as session:
+        return session.answer([], max_new_tokens, stop_id)
+
+
+def split_prompts(prompts: list[Expanded]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """The prefix every prompt starts with (`input_ids`, `media_index`: the media and the text
+    around them, prefilled once) and each prompt's remaining tokens. With several prompts each
+    keeps at least one token of its own (its last token's logits start its answer)."""
+    ids = [p.input_ids.tolist() for p in prompts]
+    common = min(len(x) for x in ids) - (len(ids) > 1)
+    for other in ids[1:]:
+        common = next((i for i in range(common) if other[i] != ids[0][i]), common)
+    if any(bool((p.media_index[common:] >= 0).any()) for p in prompts):
+        raise ValueError("the prompts must differ only after the media (it is prefilled once)")
+    first = prompts[0]
+    return first.input_ids[:common], first.media_index[:common], [x[common:] for x in ids]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="video file (anything PyAV decodes); repeat for several",
     )
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several")
-    p.add_argument("--prompt", required=True, help="question about the media")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="question about the media; repeat for several (answered in turn, media encoded once)",
+    )
     p.add_argument(
         "--num-frames",
         type=int,
@@ -119,6 +106,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="frames to sample (default: the checkpoint's num_video_frames, else 8)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the most likely tokens whose probabilities reach this (default 1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="end the answer before this text; repeat for several",
+    )
+    p.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel size")
+    p.add_argument("--ring", type=int, default=1, help="ring sequence-parallel size")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel size (default: the ranks left by ulysses x ring)",
+    )
     p.add_argument(
         "--video-resize",
         choices=VIDEO_RESIZES,
@@ -134,9 +145,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "checkpoints); default: the one the checkpoint records, else raster",
     )
     p.add_argument(
-        "--json", action="store_true", help='end stdout with {"text": ..., "token_ids": [...]}'
+        "--json",
+        action="store_true",
+        help='follow each answer with a line {"text": ..., "token_ids": [...]}',
     )
     return p.parse_args(argv)
+
+
+def parallel_layout(args: argparse.Namespace, world: int) -> ParallelConfig:
+    """tp x ulysses x ring filling the world (every rank works on the one generation)."""
+    sp = args.ulysses * args.ring
+    tp = args.tp if args.tp is not None else max(world // max(sp, 1), 1)
+    parallel = ParallelConfig(tp=tp, ulysses=args.ulysses, ring=args.ring)
+    if parallel.data_parallel_size(world) != 1:
+        raise ValueError(
+            f"tp x ulysses x ring = {tp} x {args.ulysses} x {args.ring} must equal the {world} "
+            "ranks; change --tp / --ulysses / --ring or --nproc-per-node"
+        )
+    return parallel
+
+
+def generate(args: argparse.Namespace, parallel: ParallelConfig) -> list[dict]:
+    """Every prompt's answer `{"text", "token_ids"}` (the same on every rank); rank 0 streams
+    them to stdout. Raises user errors (CheckpointError, MediaError, ValueError)."""
+    device = default_device()
+    sampler = Sampler(args.temperature, args.top_p, args.seed)
+    loaded = load_for_inference(
+        args.load, parallel, device, default_dtype(device), args.token_order
+    )
+    vision = loaded.model.cfg.vision
+    num_frames = args.num_frames or loaded.num_video_frames
+    # VILA's order (LLaVADataset): the images, then the videos.
+    media = [load_image(path, vision) for path in args.image] + [
+        load_video(path, num_frames, vision, resize=args.video_resize) for path in args.video
+    ]
+    tokenizer = loaded.tokenizer
+    layout = MediaLayout.from_tokenizer(tokenizer, loaded.model.cfg.tokens_per_frame)
+    kinds = ["image"] * len(args.image) + ["video"] * len(args.video)
+    prompts = [
+        layout.expand(render_prompt(tokenizer, prompt, kinds), [len(frames) for frames in media])
+        for prompt in args.prompt
+    ]
+    input_ids, media_index, questions = split_prompts(prompts)
+    size = vision.image_size
+    frames = torch.cat(media) if media else torch.empty(0, 3, size, size)
+    printing = dist.get_rank() == 0
+    answers = []
+    with Session(
+        loaded.model, input_ids, media_index, frames.to(device), tokenizer.pad_token_id or 0
+    ) as session:
+        for question in questions:
+            stream = TextStream(tokenizer, args.stop, _write if printing else None)
+            tokens = session.answer(
+                question, args.max_new_tokens, token_id(tokenizer, IM_END), sampler, stream
+            )
+            answers.append({"text": stream.finish(), "token_ids": tokens})
+            if printing:
+                print(flush=True)
+                if args.json:
+                    print(json.dumps(answers[-1]), flush=True)
+    return answers
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,42 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = default_device()
     init_distributed(device)
-    parallel = ParallelConfig(tp=dist.get_world_size())
-    init_model_parallel(parallel)
     try:
-        loaded = load_for_inference(
-            args.load, parallel, device, default_dtype(device), args.token_order
-        )
-        vision = loaded.model.cfg.vision
-        num_frames = args.num_frames or loaded.num_video_frames
-        # VILA's order (LLaVADataset): the images, then the videos.
-        media = [load_image(path, vision) for path in args.image] + [
-            load_video(path, num_frames, vision, resize=args.video_resize) for path in args.video
-        ]
+        parallel = parallel_layout(args, dist.get_world_size())
+        init_model_parallel(parallel)
+        generate(args, parallel)
     except (CheckpointError, MediaError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
-    tokenizer = loaded.tokenizer
-    layout = MediaLayout.from_tokenizer(tokenizer, loaded.model.cfg.tokens_per_frame)
-    kinds = ["image"] * len(args.image) + ["video"] * len(args.video)
-    prompt = layout.expand(
-        render_prompt(tokenizer, args.prompt, kinds), [len(frames) for frames in media]
-    )
-    size = vision.image_size
-    tokens = greedy_generate(
-        loaded.model,
-        prompt.input_ids,
-        prompt.media_index,
-        torch.cat(media).to(device) if media else torch.empty(0, 3, size, size, device=device),
-        args.max_new_tokens,
-        token_id(tokenizer, IM_END),
-    )
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if dist.get_rank() == 0:
-        print(text)
-        if args.json:
-            print(json.dumps({"text": text, "token_ids": tokens}))
-    dist.destroy_process_group()
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

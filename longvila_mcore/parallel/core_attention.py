@@ -2,7 +2,9 @@
 
 Megatron calls it with q/k/v `[s, b, heads, head_dim]` (RoPE already applied) and expects
 `[s, b, heads * head_dim]` back. Packed samples arrive as `PackedSamples` in `packed_seq_params`
-and never attend to each other. During generation a `KVCache` may be attached to each module.
+and never attend to each other. During generation each decoder layer's module holds its view of
+the sharded KV cache (`parallel.kv_cache`): it keeps the prompt's keys and values, then attends
+new tokens to every rank's entries.
 
 With `sequence_parallel=True` (the decoder) and a context-parallel group of N > 1 ranks, q/k/v
 are this rank's shard (`SequenceParallel.shard` order) and attention is the 2D Ulysses x ring
@@ -21,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from longvila_mcore.parallel.attention_2d import SequenceParallel, check_heads
 from longvila_mcore.parallel.groups import megatron_groups
+from longvila_mcore.parallel.kv_cache import LayerKV
 from longvila_mcore.parallel.local_attention import local_attention
 from longvila_mcore.parallel.ring import fold_batch
 
@@ -37,25 +40,6 @@ class PackedSamples(PackedSeqParams):
     def __post_init__(self):
         self.qkv_format = "sbhd"
         self.boundaries = tuple(int(b) for b in self.boundaries)
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, `[t, b, hkv, d]`, for one layer."""
-
-    def __init__(self):
-        self.key: torch.Tensor | None = None
-        self.value: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.key is None else self.key.shape[0]
-
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.key is None:
-            self.key, self.value = key, value
-        else:
-            self.key = torch.cat([self.key, key])
-            self.value = torch.cat([self.value, value])
-        return self.key, self.value
 
 
 class CoreAttention(MegatronModule):
@@ -83,7 +67,7 @@ class CoreAttention(MegatronModule):
             raise ValueError(f"unsupported attention mask type {attn_mask_type}")
         self.causal = attn_mask_type == AttnMaskType.causal
         self.softmax_scale = softmax_scale
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: LayerKV | None = None
         self.sp = _sequence_parallel(config, pg_collection) if sequence_parallel else None
 
     def forward(
@@ -99,38 +83,26 @@ class CoreAttention(MegatronModule):
         if attention_mask is not None or attention_bias is not None:
             raise ValueError("CoreAttention takes sample boundaries (PackedSamples), not masks")
         sq, b, hq, d = query.shape
+        if self.kv_cache is not None:
+            if self.kv_cache.decoding:
+                scale = d**-0.5 if self.softmax_scale is None else self.softmax_scale
+                return self.kv_cache.attend(query, key, value, scale).reshape(sq, b, hq * d)
+            self.kv_cache.store(key, value)
         packed = isinstance(packed_seq_params, PackedSamples) and packed_seq_params.boundaries
         if self.sp is not None:
-            if self.kv_cache is not None:
-                raise ValueError(
-                    "the KV cache runs on one rank; generate without sequence parallel"
-                )
             bounds = packed_seq_params.boundaries if packed else None
             out = self.sp.attention(query, key, value, bounds, self.softmax_scale)
             return out.reshape(sq, b, hq * d)
-        causal = self.causal
-        if self.kv_cache is not None:
-            past = len(self.kv_cache)
-            if past and sq > 1:
-                raise ValueError("with a KV cache, feed the prompt once, then one token a step")
-            key, value = self.kv_cache.append(key, value)
-            causal = causal and past == 0
-        sk = key.shape[0]
-        if packed:
-            bounds_q = list(packed_seq_params.boundaries)
-            bounds_k = bounds_q
-        else:
-            bounds_q, bounds_k = [0, sq], [0, sk]
+        bounds = list(packed_seq_params.boundaries) if packed else [0, sq]
         # Batch rows become further packed samples.
-        cu_q = [r * sq + x for r in range(b) for x in bounds_q[:-1]] + [b * sq]
-        cu_k = [r * sk + x for r in range(b) for x in bounds_k[:-1]] + [b * sk]
+        cu = [r * sq + x for r in range(b) for x in bounds[:-1]] + [b * sq]
         out = local_attention(
             fold_batch(query),
             fold_batch(key),
             fold_batch(value),
-            cu_q,
-            cu_k,
-            causal,
+            cu,
+            cu,
+            self.causal,
             self.softmax_scale,
         )
         if b == 1:

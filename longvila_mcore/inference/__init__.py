@@ -1,0 +1,2 @@
+"""Generation: a prompt prefilled over the sequence-parallel ranks (session), decoded with a
+sharded KV cache; sampling, stop strings and streamed text (sampling)."""
