@@ -66,7 +66,9 @@ def qwen2_transformer_config(
         perform_initialization=initialize,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
-        **recompute_fields(recompute, recompute_num_layers, llm.num_layers, DECODER_SELECTIVE),
+        **recompute_fields(
+            recompute, recompute_num_layers, llm.num_layers // pp, DECODER_SELECTIVE
+        ),
     )
 
 
