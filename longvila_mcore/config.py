@@ -166,7 +166,12 @@ class ParallelConfig:
                 f"per tensor-parallel rank ({llm.num_attention_heads} heads / tp {self.tp})"
             )
         if llm.num_layers % self.pp:
-            raise ValueError(f"parallel.pp={self.pp} must divide the LLM's {llm.num_layers} layers")
+            divisors = [d for d in range(1, llm.num_layers + 1) if llm.num_layers % d == 0]
+            raise ValueError(
+                f"parallel.pp={self.pp} must divide the LLM's {llm.num_layers} layers (each "
+                f"pipeline stage gets the same number of decoder layers; the vision tower stays "
+                f"whole on the first); use one of {divisors}"
+            )
 
 
 @dataclass

@@ -139,6 +139,9 @@ def train(config: Config, token_order: str | None = None) -> None:
         parallel,
         device,
         dtype,
+        # The tower, projector and sharder on the first pipeline stage, the loss on the last.
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         initialize=fresh,
         recompute=train_cfg.recompute,
         recompute_num_layers=train_cfg.recompute_num_layers,
@@ -250,11 +253,6 @@ def main(cfg: DictConfig) -> None:
         config = _resolve(cfg)
         token_order = _explicit_token_order(config, HydraConfig.get().overrides.task)
         config.parallel.data_parallel_size(int(os.environ.get("WORLD_SIZE", 1)))
-        if config.parallel.pp > 1:
-            raise ValueError(
-                f"parallel.pp={config.parallel.pp}: the training loop has no pipeline schedule; "
-                "use parallel.tp / ulysses / ring (checkpoints of any pp load under pp=1)"
-            )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

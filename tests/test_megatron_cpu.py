@@ -209,3 +209,19 @@ def test_training_redirections_run_on_cpu_and_stay_narrow():
     assert torch.zeros(1).type() == "torch.FloatTensor"
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1, device="cuda")
+
+
+@pytest.mark.parametrize("site", megatron_cpu.CUDA_TRANSFERS)
+def test_cuda_transfers_are_where_we_redirect_them(site):
+    """`cuda` is, in each redirected function, only the `.cuda()` of one tensor."""
+    released = _released_code(*site)
+    assert released.co_names.count("cuda") == 1
+    assert ".data.cuda()" in inspect.getsource(megatron_cpu.training_function(*site))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is inactive with CUDA")
+@pytest.mark.parametrize("site", megatron_cpu.CUDA_TRANSFERS)
+def test_cuda_transfers_run_on_cpu(site):
+    megatron_cpu.enable_cpu_training_support()
+    code = megatron_cpu.training_function(*site).__code__
+    assert "cuda" not in code.co_names and "cpu" in code.co_names

@@ -239,6 +239,50 @@ def test_parallel_layouts_match_one_process(tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_pipeline_layouts_match_one_process(tmp_path):
+    """pp 2 (the tower, projector and sharder on the first stage, the loss on the last) and
+    pp 2 x ulysses 2, then stage 4 (text only, the frozen tower on the first stage) at pp 2:
+    per-step loss and gradient norm within 1e-5 of one process. The clipping threshold lies
+    between the steps' gradient norms (about 3.3, 4.1, 3.3), so steps 1 and 3 are not clipped."""
+    clip = ["train.max_steps=3", "train.clip_grad=3.7"]
+    one = tmp_path / "one"
+    run_train(one, *clip)
+    norms = grad_norms(one)
+    assert norms[1] < 3.7 < norms[2] and norms[3] < 3.7, norms
+    for name, overrides, nproc in (
+        ("pp2", ["parallel.pp=2"], 2),
+        ("pp2_u2", ["parallel.pp=2", "parallel.ulysses=2"], 4),
+    ):
+        out = tmp_path / name
+        run_train(out, *clip, *overrides, nproc=nproc)
+        same_steps(out, one, range(1, 4), 1e-5)
+
+    text = ["+stage=4_extend_llm_64k", "train.max_steps=3"]
+    run_train(tmp_path / "text_one", *text)
+    run_train(tmp_path / "text_pp2", *text, "parallel.pp=2", nproc=2)
+    same_steps(tmp_path / "text_pp2", tmp_path / "text_one", range(1, 4), 1e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoints_resume_under_any_pipeline_layout(tmp_path, reference):
+    """Saved at pp 2 after step 3, resumed at pp 2 (the distributed optimizer, which resumes
+    under its own layout) and at pp 1 (the optimizer state of `distributed_optimizer=false`
+    reshards); saved at pp 1, resumed at pp 2: steps 4-6 as the uninterrupted one-process run.
+    The layers' global numbers, not each stage's own, name the saved tensors."""
+    first, rest = [*REFERENCE[1:], "train.max_steps=3"], REFERENCE
+    runs = {
+        "pp2_pp2": ([], 2, 2),
+        "pp2_pp1": (["train.distributed_optimizer=false"], 2, 1),
+        "pp1_pp2": (["train.distributed_optimizer=false"], 1, 2),
+    }
+    for name, (extra, before, after) in runs.items():
+        out = tmp_path / name
+        run_train(out, *first, *extra, f"parallel.pp={before}", nproc=before)
+        run_train(out, *rest, *extra, f"parallel.pp={after}", nproc=after)
+        same_steps(out, reference, range(1, 7), 1e-5)
+
+
+@pytest.mark.slow
 def test_recompute_matches_one_process(tmp_path):
     """train.recompute=full (every layer, and the first only) and selective: per-step loss and
     grad_norm of 2 steps as without recomputation."""

@@ -87,6 +87,15 @@ class LongVILAModel(MegatronModule):
         """The previous pipeline stage's output (Megatron's schedules call this every step)."""
         self.llm.set_input_tensor(input_tensor)
 
+    # `finalize_model_grads` finds the model by its `pre_process` attribute, this one, and asks
+    # it for the tied embedding whose gradient it sums over the first and last pipeline stages.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.llm.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.llm.shared_embedding_or_output_weight()
+
     def set_trainable(self, vision_tower: bool, mm_projector: bool, llm: bool) -> None:
         """Freeze or unfreeze each part (the tower's unused layers always stay frozen)."""
         if self.pre_process:

@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import get_pg_rank
 
 from longvila_mcore.config import LLMConfig
 from longvila_mcore.models.recompute import DECODER_SELECTIVE, recompute_fields
@@ -61,13 +66,31 @@ def qwen2_transformer_config(
         perform_initialization=initialize,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
-        **recompute_fields(recompute, recompute_num_layers, llm.num_layers, DECODER_SELECTIVE),
+        **recompute_fields(
+            recompute, recompute_num_layers, llm.num_layers // pp, DECODER_SELECTIVE
+        ),
     )
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Embedding rows rounded up so tensor-parallel ranks hold equal slices."""
     return -(-vocab_size // tp) * tp
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A decoder layer whose random initial weights depend only on `init_seed` and its global
+    layer number: a pipeline stage builds only its own layers, and every pipeline layout still
+    starts from the same model. The default generator is left seeded for the layer, so what is
+    drawn after the last layer (an untied output layer, on the last stage) is the same on every
+    layout too."""
+
+    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1, **kwargs):
+        init_seed = kwargs.pop("init_seed")
+        if config.perform_initialization:
+            pp_rank = get_pg_rank(kwargs["pg_collection"].pp)
+            offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
+            torch.manual_seed((init_seed * 1_000_003 + layer_number + offset) % 2**63)
+        super().__init__(config, submodules, layer_number, **kwargs)
 
 
 class Qwen2Model(GPTModel):
@@ -81,11 +104,14 @@ class Qwen2Model(GPTModel):
         pre_process: bool = True,
         post_process: bool = True,
     ):
+        layer_spec = transformer_layer_spec(
+            backend, causal=True, sequence_parallel=True, mlp_activation=SwiGLU
+        )
+        layer_spec.module = SeededTransformerLayer
+        layer_spec.params = {**layer_spec.params, "init_seed": torch.initial_seed()}
         super().__init__(
             config=config,
-            transformer_layer_spec=transformer_layer_spec(
-                backend, causal=True, sequence_parallel=True, mlp_activation=SwiGLU
-            ),
+            transformer_layer_spec=layer_spec,
             vocab_size=padded_vocab_size(llm.vocab_size, config.tensor_model_parallel_size),
             max_sequence_length=llm.max_position_embeddings,
             pre_process=pre_process,

@@ -207,6 +207,7 @@ def enable_cpu_training_support() -> None:
         return
     enable_cpu_support()
     _redirect_training_cuda_literals()
+    _redirect_cuda_transfers()
     _training_enabled = True
 
 
@@ -226,3 +227,30 @@ def _redirect_training_cuda_literals() -> None:
                 "runtime/megatron_cpu.py"
             )
         fn.__code__ = _cpu_code(fn.__code__)
+
+
+# Functions that move a tensor to the GPU with `.cuda()`: (module, qualified name).
+# `_redirect_cuda_transfers` makes the call `.cpu()` in these functions only (a CPU tensor's
+# `.cpu()` is the tensor itself); tests/test_megatron_cpu.py checks that `cuda` is, in each, only
+# ever the name of that method.
+CUDA_TRANSFERS = (
+    # With pp > 1 and tied input / output embeddings, the last stage's copy of the embedding is
+    # filled from the first stage's by an all-reduce of `weight.data.cuda()` (language_module.py
+    # 244), run while the model is built.
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule.setup_embeddings_and_output_layer",
+    ),
+)
+
+
+def _redirect_cuda_transfers() -> None:
+    for module, qualname in CUDA_TRANSFERS:
+        fn = training_function(module, qualname)
+        if fn.__code__.co_names.count("cuda") != 1:
+            raise RuntimeError(
+                f"{module}.{qualname} does not use the name `cuda` exactly once: megatron-core "
+                f"is not {PINNED_MEGATRON_CORE}; re-check runtime/megatron_cpu.py"
+            )
+        names = tuple("cpu" if n == "cuda" else n for n in fn.__code__.co_names)
+        fn.__code__ = fn.__code__.replace(co_names=names)

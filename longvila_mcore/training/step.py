@@ -40,6 +40,10 @@ def wrap_model(model: LongVILAModel, train: TrainConfig) -> DistributedDataParal
     """
     config = model.config
     config.calculate_per_token_loss = True
+    # Packed micro-batches differ in length: pipeline stages send each activation's shape
+    # first. (Set here, not in the TransformerConfig, whose check refuses it for the default
+    # MoE token dispatcher, unused.)
+    config.variable_seq_lengths = True
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(
@@ -127,8 +131,13 @@ def _loss_func(
 
 def forward_step(batches: Iterator[Batch], model: DistributedDataParallel):
     """Megatron's forward-step contract: this rank's output and the function that turns it
-    into a loss."""
-    loss_sum, num_targets = model.module.loss(next(batches))
+    into a loss. Every pipeline stage reads the same micro-batch (positions and sample
+    boundaries); a stage before the last outputs its hidden states, which the schedule sends
+    on (and never asks a loss of)."""
+    module, batch = model.module, next(batches)
+    if not module.post_process:
+        return module.hidden_states(batch), None
+    loss_sum, num_targets = module.loss(batch)
     return loss_sum, partial(_loss_func, num_targets)
 
 
@@ -158,15 +167,20 @@ def train_step(
         data_iterator=iter(micro_batches),
         model=[ddp],
         num_microbatches=len(micro_batches),
-        seq_length=max(b.input_ids.numel() for b in micro_batches),  # variable: no fixed shape
+        # Unused by the pipelined schedule under `variable_seq_lengths` (wrap_model).
+        seq_length=max(b.input_ids.numel() for b in micro_batches),
         micro_batch_size=1,
         forward_only=False,
     )
     updated, grad_norm, _ = optimizer.step()
-    loss_sum = torch.stack([r["loss_sum"] for r in reported]).sum().double()
+    # Only the last pipeline stage computes losses; the other stages contribute zeros.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0].input_ids.device)
+    for r in reported:
+        loss_sum += r["loss_sum"]
     dist.all_reduce(
         loss_sum, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
     )
+    dist.all_reduce(loss_sum, group=parallel_state.get_pipeline_model_parallel_group())
     return StepResult(
         loss_sum=loss_sum.item(),
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
