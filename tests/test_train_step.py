@@ -184,3 +184,88 @@ def test_combined_layouts_match_one_process_loss_and_grad_norm(single_rank):
     assert not wrong, "\n".join(
         f"{key}: got {got}, want {want}" for key, (got, want) in wrong.items()
     )
+
+
+# --- non-finite steps -------------------------------------------------------------------------
+
+
+def _fresh_run(config, model_cfg, batches_per_step):
+    """Model, DDP, optimizer and scheduler from seed 0 (the same weights every call)."""
+    from longvila_mcore.config import ParallelConfig, TrainConfig
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.training.step import build_optimizer, wrap_model
+
+    torch.manual_seed(0)
+    model = LongVILAModel(model_cfg, ParallelConfig(), torch.device("cpu"))
+    model.set_trainable(True, True, True)
+    train = TrainConfig(global_batch_size=4, micro_batch_size=2, clip_grad=1.0)
+    ddp = wrap_model(model, train)
+    optimizer, scheduler = build_optimizer(ddp, config.stage, train, torch.float32)
+    return ddp, optimizer, scheduler
+
+
+def _snapshot(ddp, optimizer) -> list[torch.Tensor]:
+    """Every parameter and every Adam moment, copied."""
+    tensors = [p.detach().clone() for p in ddp.parameters()]
+    for inner in optimizer.chained_optimizers:
+        for state in inner.optimizer.state.values():
+            tensors += [state[k].clone() for k in ("exp_avg", "exp_avg_sq")]
+    return tensors
+
+
+def test_a_non_finite_step_updates_nothing_and_the_run_continues_as_without_it(single_rank):
+    """Steps 1, 2, 3 with step 2's loss made NaN: step 2 is skipped (weights and Adam state
+    bitwise unchanged), and step 3's loss, gradient norm and resulting weights equal those of a
+    run that never saw step 2's batch (its learning-rate slot passed all the same)."""
+    from megatron.core import parallel_state
+
+    from longvila_mcore.config import Config
+    from longvila_mcore.data.pipeline import build_pipeline
+    from longvila_mcore.train import _starting_point
+    from longvila_mcore.training.step import train_step
+
+    config = Config()
+    config.stage.name = "test"
+    config.stage.lr = 1e-3
+    config.stage.warmup_steps = 2  # the rate of step 3 differs from step 2's
+    model_cfg, tokenizer, _ = _starting_point(config, None)
+    pipeline = build_pipeline(
+        config.data,
+        "conversation",
+        tokenizer,
+        model_cfg,
+        num_frames=4,
+        fps=None,
+        max_length=4096,
+        global_batch_size=4,
+        micro_batch_size=2,
+        pad_multiple=2,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=1,
+        seed=1,
+    )
+    steps = [next(pipeline) for _ in range(3)]
+    pipeline.close()
+
+    ddp, optimizer, scheduler = _fresh_run(config, model_cfg, steps)
+    first = train_step(ddp, optimizer, scheduler, steps[0])
+    before = _snapshot(ddp, optimizer)
+    loss = ddp.module.loss
+    ddp.module.loss = lambda batch: (loss(batch)[0] * float("nan"), loss(batch)[1])
+    bad = train_step(ddp, optimizer, scheduler, steps[1])
+    del ddp.module.loss
+    assert bad.skipped and not first.skipped and first.grad_norm > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(ddp, optimizer)))
+    third = train_step(ddp, optimizer, scheduler, steps[2])
+
+    ddp2, optimizer2, scheduler2 = _fresh_run(config, model_cfg, steps)
+    train_step(ddp2, optimizer2, scheduler2, steps[0])
+    scheduler2.step(increment=1)  # step 2's slot of the schedule
+    expected = train_step(ddp2, optimizer2, scheduler2, steps[2])
+    assert not third.skipped
+    assert (third.loss_sum, third.grad_norm, third.lr) == (
+        expected.loss_sum,
+        expected.grad_norm,
+        expected.lr,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(ddp.parameters(), ddp2.parameters()))
