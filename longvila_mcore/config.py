@@ -268,6 +268,9 @@ class TrainConfig:
     """Seeds weight initialisation and the data order."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping threshold (0: off)."""
+    max_consecutive_skipped_steps: int = 5
+    """A step whose loss or gradient norm is not finite updates nothing (`skipped_steps` in the
+    metrics counts them); this many such steps in a row stop the run (0: never)."""
     distributed_optimizer: bool = True
     """Megatron's distributed optimizer: fp32 master weights and Adam state sharded over the
     data-parallel x sequence-parallel ranks (each holds 1 / (dp x ulysses x ring) of them)."""

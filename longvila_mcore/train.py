@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from longvila_mcore.config import Config, ModelConfig
+from longvila_mcore.errors import NonFiniteError
 from longvila_mcore.runtime import default_device, default_dtype, init_distributed
 
 log = logging.getLogger("longvila_mcore.train")
@@ -95,6 +96,7 @@ def train(config: Config, token_order: str | None = None) -> None:
     """One stage; `token_order` is an explicit `model.token_order` (see _explicit_token_order)."""
     from megatron.core import parallel_state
 
+    from longvila_mcore.checkpoint.dist import read_meta
     from longvila_mcore.checkpoint.load import fill_weights
     from longvila_mcore.checkpoint.resume import resume_train_checkpoint, save_train_checkpoint
     from longvila_mcore.data.packing import padding_multiples
@@ -172,8 +174,9 @@ def train(config: Config, token_order: str | None = None) -> None:
         sp_rank=model.sp.rank,  # the rank decodes only the frames it encodes
         sp_size=model.sp.size,
     )
-    step = 0
+    step, skipped_steps, skipped_in_a_row = 0, 0, 0
     if resume is not None:
+        skipped_steps = read_meta(resume).get("skipped_steps", 0)
         step, data_state = resume_train_checkpoint(resume, model, optimizer, pipeline.state_dict())
         pipeline.load_state_dict(data_state)
         scheduler.step(increment=step)  # the schedule is a function of the step
@@ -213,6 +216,15 @@ def train(config: Config, token_order: str | None = None) -> None:
             )
         result = train_step(ddp, optimizer, scheduler, micro_batches)
         step += 1
+        skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+        skipped_steps += result.skipped
+        if result.skipped:
+            log.warning(
+                "step %d: loss %s, gradient norm %s: update skipped",
+                step,
+                result.loss_sum / num_targets,
+                result.grad_norm,
+            )
         metrics.write(
             {
                 "step": step,
@@ -222,8 +234,17 @@ def train(config: Config, token_order: str | None = None) -> None:
                 "tokens": tokens,
                 "step_time_s": time.perf_counter() - start,
                 "skipped_samples": skipped,
+                "skipped_steps": skipped_steps,
             }
         )
+        limit = train_cfg.max_consecutive_skipped_steps
+        if limit and skipped_in_a_row >= limit:
+            raise NonFiniteError(
+                f"step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or "
+                f"gradient norm (train.max_consecutive_skipped_steps={limit}); the run diverged: "
+                f"resume from the last checkpoint with a lower learning rate (train.lr_scale) "
+                "or check the data of these steps"
+            )
         interval = config.checkpoint.save_interval
         if step == train_cfg.max_steps or (interval and step % interval == 0):
             gather_parameters(ddp)
@@ -234,7 +255,7 @@ def train(config: Config, token_order: str | None = None) -> None:
                 optimizer,
                 tokenizer,
                 pipeline.state_dict(),
-                {**meta, "trained_frames": int(trained_frames)},
+                {**meta, "trained_frames": int(trained_frames), "skipped_steps": skipped_steps},
                 config.checkpoint.keep_last,
             )
     metrics.close()

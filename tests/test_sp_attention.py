@@ -72,6 +72,7 @@ def adjoint_gaps() -> dict[str, float]:
     import torch.distributed as dist
 
     from longvila_mcore.parallel import collectives, groups
+    from longvila_mcore.parallel.collectives import ring_shift_start
 
     u2r2, u4, r4 = groups.new_groups(2, 2), groups.new_groups(4, 1), groups.new_groups(1, 4)
     rank = dist.get_rank()
@@ -97,6 +98,14 @@ def adjoint_gaps() -> dict[str, float]:
 
         return [shape], lambda xs: [op(xs[0])], adjoint
 
+    def ring(group):
+        """ring_shift_start and its reverse (backward=True), on a [3, 2] block."""
+
+        def shift(xs, backward):
+            return ring_shift_start(xs, [torch.empty_like(xs[0])], group, backward).wait()
+
+        return [(3, 2)], lambda xs: shift(xs, False), lambda gs: shift(gs, True)
+
     cases = {
         "ulysses u2 q,k,v": fused(u2r2.ulysses, (2, 1, 1)),
         "ulysses u4 q,k,v": fused(u4.ulysses, (3, 1, 2)),
@@ -109,8 +118,8 @@ def adjoint_gaps() -> dict[str, float]:
             lambda x: collectives.all_to_all_variable(x, sends, recvs, u2r2.sp), (sum(sends), 3)
         ),
         "all_gather": autograd(lambda x: collectives.all_gather(x, u2r2.sp), (3, 2)),
-        "ring_shift r2": autograd(lambda x: collectives.ring_shift(x, u2r2.ring), (3, 2)),
-        "ring_shift r4": autograd(lambda x: collectives.ring_shift(x, r4.ring), (3, 2)),
+        "ring_shift r2": ring(u2r2.ring),
+        "ring_shift r4": ring(r4.ring),
     }
     gaps = {}
     for name, (shapes, forward, adjoint) in cases.items():
@@ -127,6 +136,25 @@ def adjoint_gaps() -> dict[str, float]:
         dist.all_reduce(sums)
         gaps[name] = (abs(sums[0] - sums[1]) / abs(sums[0])).item()
     return gaps
+
+
+def ring_sources() -> dict[str, list[int]]:
+    """The ring rank each rank of a ring of 4 receives from: forward (from the previous rank,
+    as ring attention's block order assumes) and backward."""
+    import torch.distributed as dist
+
+    from longvila_mcore.parallel import groups
+    from longvila_mcore.parallel.collectives import ring_shift_start
+
+    ring = groups.new_groups(1, 4).ring
+    sources = {}
+    for name, backward in (("forward", False), ("backward", True)):
+        mine = torch.tensor([float(ring.rank())])
+        got = ring_shift_start([mine], [torch.empty_like(mine)], ring, backward).wait()[0]
+        every = [torch.empty_like(got) for _ in range(ring.size())]
+        dist.all_gather(every, got, group=ring)
+        sources[name] = [int(t) for t in every]
+    return sources
 
 
 def host_syncs() -> dict[str, list[str]]:
@@ -238,6 +266,7 @@ def _world4():
         "asymmetric": attention_cases(asymmetric, (0, 4, 24, 32, 36, 52), (0, 12))
         | attention_cases({(1, 4): [(4, 2)]}, (0, 8, 32, 40, 48), (0, 24)),
         "adjoint": adjoint_gaps(),
+        "ring_sources": ring_sources(),
         "syncs": host_syncs(),
         "validation": validation_errors(),
         "megatron": megatron_errors(),
@@ -292,6 +321,13 @@ def test_no_host_syncs_in_an_attention_layer(world4):
 def test_collectives_backward_is_adjoint(world4):
     gaps = world4["adjoint"]
     assert max(gaps.values()) <= 1e-12, gaps
+
+
+@pytest.mark.slow
+def test_ring_shift_receives_from_the_previous_rank(world4):
+    """Rank r receives rank r - 1's block (rank r + 1's going backward): ring attention's
+    block bookkeeping depends on the direction, which the adjoint test cannot see."""
+    assert world4["ring_sources"] == {"forward": [3, 0, 1, 2], "backward": [1, 2, 3, 0]}
 
 
 @pytest.mark.slow

@@ -522,3 +522,41 @@ def test_metrics_lines_and_tensorboard(tmp_path):
         record
     ] * 2
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# --- non-finite steps -------------------------------------------------------------------------
+
+
+def _config(*overrides: str) -> Config:
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=[STAGE, *BASE, *overrides]))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, single_rank):
+    """From step 2 on every loss is NaN (injected): steps 2 and 3 are skipped and counted, and
+    with train.max_consecutive_skipped_steps=2 the run stops after step 3 with one message."""
+    from longvila_mcore.errors import NonFiniteError
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.train import train
+
+    config = _config(
+        f"run.output_dir={tmp_path}", "train.max_steps=5", "train.max_consecutive_skipped_steps=2"
+    )
+    loss, calls = LongVILAModel.loss, []
+
+    def poisoned(self, batch):  # 2 micro-batches a step: the third call is step 2's
+        calls.append(1)
+        loss_sum, targets = loss(self, batch)
+        return (loss_sum * float("nan") if len(calls) > 2 else loss_sum), targets
+
+    LongVILAModel.loss = poisoned
+    try:
+        with pytest.raises(NonFiniteError, match=r"^step 3: 2 steps in a row .*non-finite"):
+            train(config)
+    finally:
+        LongVILAModel.loss = loss
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2]
+    assert torch.isfinite(torch.tensor(records[0]["grad_norm"]))
+    assert not (tmp_path / "checkpoints").exists()

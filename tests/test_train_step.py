@@ -86,3 +86,186 @@ def test_distributed_optimizer_state_is_sharded_over_dp_and_sp():
     # Shards are equal slices of a buffer padded per parameter (to 64 elements) and per bucket.
     assert max(sharded) <= whole / n * 1.02, (sharded, whole)
     assert min(sharded) >= whole / n * 0.98, (sharded, whole)
+
+
+# --- combined layouts: loss AND gradient norm of every step ---------------------------------
+
+# 8 samples a step in micro-batches of 2: every rank accumulates over 2 or 4 micro-batches.
+LAYOUT_STEPS = 4
+COMBINED = {
+    "dp2_u2_r2": dict(ulysses=2, ring=2),  # sequence x data parallel
+    "dp2_tp2_r2": dict(tp=2, ring=2),  # tensor parallel x ring
+    "tp2_u2_r2": dict(tp=2, ulysses=2, ring=2),  # 2 x 2 x 2, no data parallelism
+}
+
+
+def step_metrics(
+    layouts: dict[str, dict], clip_grad: float
+) -> dict[str, list[tuple[float, float]]]:
+    """(mean loss over the global batch's targets, gradient norm) of each of LAYOUT_STEPS steps
+    from the same initial weights and data, for each parallel layout in `layouts`."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from longvila_mcore.config import Config, ParallelConfig, TrainConfig
+    from longvila_mcore.data.pipeline import build_pipeline
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.runtime import init_model_parallel
+    from longvila_mcore.train import _starting_point
+    from longvila_mcore.training.step import build_optimizer, train_step, wrap_model
+
+    config = Config()
+    config.stage.name = "test"
+    config.stage.lr_schedule = "constant"
+    config.stage.lr = 1e-3  # steps that move the loss
+    model_cfg, tokenizer, _ = _starting_point(config, None)
+    train = TrainConfig(global_batch_size=8, micro_batch_size=2, clip_grad=clip_grad)
+    results = {}
+    for name, layout in layouts.items():
+        parallel = ParallelConfig(**layout)
+        dp = init_model_parallel(parallel)
+        pipeline = build_pipeline(
+            config.data,
+            "conversation",
+            tokenizer,
+            model_cfg,
+            num_frames=4,
+            fps=None,
+            max_length=4096,
+            global_batch_size=train.global_batch_size,
+            micro_batch_size=train.micro_batch_size,
+            pad_multiple=2 * parallel.sp,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=dp,
+            seed=1,
+        )
+        torch.manual_seed(0)
+        model = LongVILAModel(model_cfg, parallel, torch.device("cpu"))
+        model.set_trainable(True, True, True)
+        ddp = wrap_model(model, train)
+        optimizer, scheduler = build_optimizer(ddp, config.stage, train, torch.float32)
+        steps = []
+        for _ in range(LAYOUT_STEPS):
+            batches = next(pipeline)
+            targets = torch.tensor([float(sum(b.num_targets for b in batches))])
+            dist.all_reduce(targets, group=parallel_state.get_data_parallel_group())
+            result = train_step(ddp, optimizer, scheduler, batches)
+            steps.append((result.loss_sum / targets.item(), result.grad_norm))
+        pipeline.close()
+        results[name] = steps
+    return results
+
+
+# Gradient norms of the first 3 steps are about 4.2, 4.1 and 3.5: clipping at 3.8 is active on
+# the first two and inactive on the third, where a gradient of the wrong scale changes the
+# update (and step 4's loss).
+CLIP = 3.8
+
+
+def _combined_layouts() -> dict:
+    return step_metrics(COMBINED, CLIP)
+
+
+@pytest.mark.slow
+def test_combined_layouts_match_one_process_loss_and_grad_norm(single_rank):
+    """sp x dp, tp x ring and tp 2 x ulysses 2 x ring 2 on 8 ranks, each accumulating over
+    micro-batches: every step's loss and gradient norm within 1e-5 of one process's."""
+    ref = step_metrics({"one": {}}, CLIP)["one"]
+    norms = [norm for _, norm in ref]
+    assert max(norms) > CLIP > min(norms), norms  # steps with clipping active and inactive
+    ours = run_ranks(8, _combined_layouts)
+    wrong = {
+        (name, step, what): (got, want)
+        for name, steps in ours.items()
+        for step, (metrics, ref_metrics) in enumerate(zip(steps, ref), 1)
+        for what, got, want in zip(("loss", "grad_norm"), metrics, ref_metrics)
+        if abs(got - want) > 1e-5 * abs(want)
+    }
+    assert not wrong, "\n".join(
+        f"{key}: got {got}, want {want}" for key, (got, want) in wrong.items()
+    )
+
+
+# --- non-finite steps -------------------------------------------------------------------------
+
+
+def _fresh_run(config, model_cfg, batches_per_step):
+    """Model, DDP, optimizer and scheduler from seed 0 (the same weights every call)."""
+    from longvila_mcore.config import ParallelConfig, TrainConfig
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.training.step import build_optimizer, wrap_model
+
+    torch.manual_seed(0)
+    model = LongVILAModel(model_cfg, ParallelConfig(), torch.device("cpu"))
+    model.set_trainable(True, True, True)
+    train = TrainConfig(global_batch_size=4, micro_batch_size=2, clip_grad=1.0)
+    ddp = wrap_model(model, train)
+    optimizer, scheduler = build_optimizer(ddp, config.stage, train, torch.float32)
+    return ddp, optimizer, scheduler
+
+
+def _snapshot(ddp, optimizer) -> list[torch.Tensor]:
+    """Every parameter and every Adam moment, copied."""
+    tensors = [p.detach().clone() for p in ddp.parameters()]
+    for inner in optimizer.chained_optimizers:
+        for state in inner.optimizer.state.values():
+            tensors += [state[k].clone() for k in ("exp_avg", "exp_avg_sq")]
+    return tensors
+
+
+def test_a_non_finite_step_updates_nothing_and_the_run_continues_as_without_it(single_rank):
+    """Steps 1, 2, 3 with step 2's loss made NaN: step 2 is skipped (weights and Adam state
+    bitwise unchanged), and step 3's loss, gradient norm and resulting weights equal those of a
+    run that never saw step 2's batch (its learning-rate slot passed all the same)."""
+    from megatron.core import parallel_state
+
+    from longvila_mcore.config import Config
+    from longvila_mcore.data.pipeline import build_pipeline
+    from longvila_mcore.train import _starting_point
+    from longvila_mcore.training.step import train_step
+
+    config = Config()
+    config.stage.name = "test"
+    config.stage.lr = 1e-3
+    config.stage.warmup_steps = 2  # the rate of step 3 differs from step 2's
+    model_cfg, tokenizer, _ = _starting_point(config, None)
+    pipeline = build_pipeline(
+        config.data,
+        "conversation",
+        tokenizer,
+        model_cfg,
+        num_frames=4,
+        fps=None,
+        max_length=4096,
+        global_batch_size=4,
+        micro_batch_size=2,
+        pad_multiple=2,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=1,
+        seed=1,
+    )
+    steps = [next(pipeline) for _ in range(3)]
+    pipeline.close()
+
+    ddp, optimizer, scheduler = _fresh_run(config, model_cfg, steps)
+    first = train_step(ddp, optimizer, scheduler, steps[0])
+    before = _snapshot(ddp, optimizer)
+    loss = ddp.module.loss
+    ddp.module.loss = lambda batch: (loss(batch)[0] * float("nan"), loss(batch)[1])
+    bad = train_step(ddp, optimizer, scheduler, steps[1])
+    del ddp.module.loss
+    assert bad.skipped and not first.skipped and first.grad_norm > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(ddp, optimizer)))
+    third = train_step(ddp, optimizer, scheduler, steps[2])
+
+    ddp2, optimizer2, scheduler2 = _fresh_run(config, model_cfg, steps)
+    train_step(ddp2, optimizer2, scheduler2, steps[0])
+    scheduler2.step(increment=1)  # step 2's slot of the schedule
+    expected = train_step(ddp2, optimizer2, scheduler2, steps[2])
+    assert not third.skipped
+    assert (third.loss_sum, third.grad_norm, third.lr) == (
+        expected.loss_sum,
+        expected.grad_norm,
+        expected.lr,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(ddp.parameters(), ddp2.parameters()))

@@ -9,9 +9,10 @@ import torch
 from tqdm import tqdm
 
 from longvila_mcore.checkpoint.mapping import Rule, tensor_parallel_slice
+from longvila_mcore.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not have the layout or contents the model needs."""
 
 

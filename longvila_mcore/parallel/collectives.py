@@ -6,8 +6,9 @@
 - `all_to_all_variable`: rows of different counts to each rank (the image-first sharder); the
   adjoint sends the gradients back with the counts swapped.
 - `all_gather`: along dim 0; the adjoint is a reduce-scatter (sum over ranks of their gradients).
-- `ring_shift`: send to the next ring rank, receive from the previous; the adjoint shifts back.
-  `ring_shift_start` is its non-blocking form, for code that overlaps transfers with compute.
+- `ring_shift_start`: send to the next ring rank, receive from the previous, without waiting
+  (ring attention overlaps the transfers with compute); `backward=True` shifts the other way,
+  the adjoint.
 
 `count_communication()` records the calls and the bytes each call sends and receives, for the
 benchmarks; outside it the cost is one `None` check per call.
@@ -217,25 +218,3 @@ def ring_shift_start(
     ops += [dist.P2POp(dist.irecv, t, src, group, tag) for t in recv]
     _count("ring", sum(t.nbytes for t in send), sum(t.nbytes for t in recv))
     return PendingTransfer(dist.batch_isend_irecv(ops), send, list(recv))
-
-
-def _ring_shift(x: torch.Tensor, group: ProcessGroup, backward: bool) -> torch.Tensor:
-    return ring_shift_start([x], [torch.empty_like(x)], group, backward).wait()[0]
-
-
-class _RingShift(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _ring_shift(x, group, backward=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ring_shift(grad, ctx.group, backward=True), None
-
-
-def ring_shift(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """`x` of the previous ring rank (each rank sends its `x` to the next). Identity for one rank."""
-    if group.size() == 1:
-        return x
-    return _RingShift.apply(x, group)

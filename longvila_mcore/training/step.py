@@ -5,6 +5,7 @@ Megatron's DDP holds the gradients in contiguous buffers; its schedule
 `finalize_model_grads` reduces the gradients over data- and sequence-parallel ranks and divides
 them by the global number of target tokens; its optimizer (distributed or not) clips and steps;
 `OptimizerParamScheduler` sets the learning rate and weight decay (none on biases and norms).
+A step whose loss or gradient norm is not finite updates nothing, on every rank.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -149,7 +151,7 @@ class StepResult:
     """Global gradient norm before clipping (every parameter counted once)."""
     lr: float
     skipped: bool
-    """Megatron's optimizer skipped the update (non-finite gradients)."""
+    """The update was skipped: the loss or the gradient norm is not finite on some rank."""
 
 
 def train_step(
@@ -172,7 +174,6 @@ def train_step(
         micro_batch_size=1,
         forward_only=False,
     )
-    updated, grad_norm, _ = optimizer.step()
     # Only the last pipeline stage computes losses; the other stages contribute zeros.
     loss_sum = torch.zeros((), dtype=torch.float64, device=micro_batches[0].input_ids.device)
     for r in reported:
@@ -181,9 +182,31 @@ def train_step(
         loss_sum, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
     )
     dist.all_reduce(loss_sum, group=parallel_state.get_pipeline_model_parallel_group())
+    grad_norm, updated = _step(optimizer, loss_sum)
     return StepResult(
         loss_sum=loss_sum.item(),
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        grad_norm=grad_norm,
         lr=optimizer.param_groups[0]["lr"],
         skipped=not updated,
     )
+
+
+def _step(optimizer: MegatronOptimizer, loss_sum: torch.Tensor) -> tuple[float, bool]:
+    """(gradient norm, updated): Megatron's `ChainedOptimizer.step` with one more check. Only
+    its fp16 loss scaler looks for non-finite gradients; in bf16 and fp32 a NaN norm makes the
+    clipping coefficient NaN, which clips nothing, and the NaN update would go ahead. Here the
+    update happens only when the loss and the norm are finite on every rank."""
+    found_inf = optimizer.prepare_grads()  # the main gradients, ready to clip and apply
+    grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
+    finite = torch.tensor(
+        [float(math.isfinite(loss_sum.item()) and math.isfinite(grad_norm))],
+        device=loss_sum.device,
+    )
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        return grad_norm, False
+    for inner in optimizer.chained_optimizers:
+        params = inner.get_parameters()
+        if inner.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(params, inner.config.clip_grad, grad_norm)
+    return grad_norm, optimizer.step_with_ready_grads()
