@@ -127,10 +127,30 @@ class ParallelConfig:
     """Sequence parallel, all-to-all over heads (inside a node)."""
     ring: int = 1
     """Sequence parallel, point-to-point ring over sequence blocks (across nodes)."""
+    sequence_parallel: bool = True
+    """Megatron's sequence parallelism inside the tensor-parallel group (with tp > 1): the
+    decoder's norms and residuals hold 1/tp of the tokens of this rank's shard. No effect at
+    tp 1."""
 
     @property
     def sp(self) -> int:
         return self.ulysses * self.ring
+
+    @property
+    def tp_sequence_parallel(self) -> bool:
+        """Megatron's sequence parallelism is on (it needs tp > 1)."""
+        return self.sequence_parallel and self.tp > 1
+
+    @property
+    def tp_split(self) -> int:
+        """Ranks that split a sequence-parallel shard's tokens further: tp with
+        `tp_sequence_parallel`, else 1."""
+        return self.tp if self.tp_sequence_parallel else 1
+
+    @property
+    def token_split(self) -> int:
+        """Ranks a packed sequence's tokens are split over: ulysses x ring x `tp_split`."""
+        return self.sp * self.tp_split
 
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel degree left over by this layout; raises if it does not fit."""

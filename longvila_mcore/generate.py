@@ -156,7 +156,8 @@ def parallel_layout(args: argparse.Namespace, world: int) -> ParallelConfig:
     """tp x ulysses x ring filling the world (every rank works on the one generation)."""
     sp = args.ulysses * args.ring
     tp = args.tp if args.tp is not None else max(world // max(sp, 1), 1)
-    parallel = ParallelConfig(tp=tp, ulysses=args.ulysses, ring=args.ring)
+    # Decoding runs one token at a time: nothing to split further over tensor-parallel ranks.
+    parallel = ParallelConfig(tp=tp, ulysses=args.ulysses, ring=args.ring, sequence_parallel=False)
     if parallel.data_parallel_size(world) != 1:
         raise ValueError(
             f"tp x ulysses x ring = {tp} x {args.ulysses} x {args.ring} must equal the {world} "

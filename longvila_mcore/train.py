@@ -126,7 +126,7 @@ def train(config: Config, token_order: str | None = None) -> None:
     model_cfg, tokenizer, origin = _starting_point(config, resume or load, token_order)
     log.info("projector token order: %s", model_cfg.token_order)
     parallel.check_model(model_cfg)
-    dp = init_model_parallel(parallel)
+    dp = init_model_parallel(parallel, train_cfg.seed)
     rank0 = dist.get_rank() == 0
     if rank0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,9 +165,10 @@ def train(config: Config, token_order: str | None = None) -> None:
         max_length=stage.max_length,
         global_batch_size=train_cfg.global_batch_size,
         micro_batch_size=train_cfg.micro_batch_size,
-        # 2R per sample, N per pack: what the 2D attention needs, not 2N per sample.
-        pad_multiple=padding_multiples(parallel.ulysses, parallel.ring)[0],
-        pack_multiple=padding_multiples(parallel.ulysses, parallel.ring)[1],
+        # 2R per sample, N (x tp with sequence parallelism) per pack: what the 2D attention
+        # and Megatron's split need, not 2N per sample.
+        pad_multiple=padding_multiples(parallel.ulysses, parallel.ring, parallel.tp_split)[0],
+        pack_multiple=padding_multiples(parallel.ulysses, parallel.ring, parallel.tp_split)[1],
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=dp,
         seed=train_cfg.seed,

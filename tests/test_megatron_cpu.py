@@ -225,3 +225,37 @@ def test_cuda_transfers_run_on_cpu(site):
     megatron_cpu.enable_cpu_training_support()
     code = megatron_cpu.training_function(*site).__code__
     assert "cuda" not in code.co_names and "cpu" in code.co_names
+
+
+# --- Megatron's sequence parallelism with the torch norm ---------------------------------------
+
+
+def test_torch_norm_still_refuses_sequence_parallel_and_serves_every_norm():
+    """The assertion `allow_sequence_parallel_torch_norm` lifts is still in the released
+    `WrappedTorchNorm`, and without TE / apex the block's final norm is that class too."""
+    from megatron.core.transformer import transformer_block
+
+    source = _megatron_source("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__")
+    assert "assert not config.sequence_parallel" in source
+    assert transformer_block.LayerNormImpl.__name__ == "WrappedTorchNorm"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is inactive with CUDA")
+def test_sequence_parallel_torch_norm_marks_its_parameters():
+    """The norm built under sequence parallelism is the plain torch norm, its parameters marked
+    for `finalize_model_grads` to sum over tensor-parallel ranks; without the flag unmarked."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    megatron_cpu.allow_sequence_parallel_torch_norm()
+    fields = dict(num_layers=1, hidden_size=8, num_attention_heads=2)
+    config = TransformerConfig(
+        **fields, normalization="RMSNorm", tensor_model_parallel_size=2, sequence_parallel=True
+    )
+    norm = WrappedTorchNorm(config, 8, eps=1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6
+    assert norm.weight.sequence_parallel is True
+    assert config.sequence_parallel  # the caller's config is left as it was
+    plain = WrappedTorchNorm(TransformerConfig(**fields, normalization="LayerNorm"), 8)
+    assert isinstance(plain, torch.nn.LayerNorm)
+    assert not any(getattr(p, "sequence_parallel", False) for p in plain.parameters())

@@ -193,10 +193,14 @@ def _model_checks(cases):
             params, model.vision_tower.encoder.layers[0], hidden_states=hidden, attention_mask=None
         )
         positions = model.sp.shard(batch.position_ids, cu_seqlens=batch.cu_seqlens)[None]
+        embedded = model.embed(batch).detach()
+        if parallel.tp_sequence_parallel:  # a layer takes this rank's 1/tp of the tokens
+            embedded = embedded.chunk(parallel.tp)[parallel_state.get_tensor_model_parallel_rank()]
+            embedded = embedded.clone()  # its own storage, as the scatter gives
         decoder = _saved_bytes(
             params,
             model.llm.decoder.layers[0],
-            hidden_states=model.embed(batch).detach().requires_grad_(),
+            hidden_states=embedded.requires_grad_(),
             attention_mask=None,
             rotary_pos_emb=model.llm.rotary_freqs(positions),
             packed_seq_params=PackedSamples(boundaries=(0, tokens)),

@@ -75,12 +75,15 @@ def loss_and_grads(parallel, frame_counts=(3, 2), own_frames=False):
     loss_sum, _ = model.loss(batch)
     (loss_sum / batch.num_targets).backward()
     cp = parallel_state.get_context_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_group()
     dist.all_reduce(loss_sum, group=cp)
     grads = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad, group=cp)
+            if getattr(p, "sequence_parallel", False):  # a norm that saw 1/tp of the tokens
+                dist.all_reduce(grad, group=tp)
             grads[name] = (grad, p)
     return (loss_sum / batch.num_targets).item(), grads
 

@@ -225,8 +225,8 @@ def reference(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_parallel_layouts_match_one_process(tmp_path, reference):
     """Same global batch, same per-step loss and gradient norm. dp 2 x ulysses 2 shards the
-    distributed optimizer over 4 ranks (dp x sp); tp 2 counts each tensor-parallel shard of
-    the gradient once."""
+    distributed optimizer over 4 ranks (dp x sp); tp 2 (with sequence parallelism) counts each
+    tensor-parallel shard of the gradient once."""
     steps = ["train.max_steps=3"]
     for name, overrides, nproc in (
         ("tp2_u2", ["parallel.tp=2", "parallel.ulysses=2"], 4),
@@ -280,6 +280,22 @@ def test_pipeline_checkpoints_resume_under_any_pipeline_layout(tmp_path, referen
         run_train(out, *first, *extra, f"parallel.pp={before}", nproc=before)
         run_train(out, *rest, *extra, f"parallel.pp={after}", nproc=after)
         same_steps(out, reference, range(1, 7), 1e-5)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_sequence_parallelism_matches_one_process(tmp_path):
+    """tp 2 with Megatron's sequence parallelism (on by default): the decoder's norms see half
+    of the tokens on each rank, so their gradients must be summed over the tensor-parallel
+    ranks and counted once in the norm. Clipping at 3.5 is active at step 2 only (the tiny
+    recipe's gradient norms are 3.25, 3.93, 3.27), so both the clipped and the unclipped update
+    are compared."""
+    clip = ["train.max_steps=3", "train.clip_grad=3.5"]
+    reference, ours = tmp_path / "one_process", tmp_path / "tp2_sp"
+    run_train(reference, *clip)
+    run_train(ours, *clip, "parallel.tp=2", nproc=2)
+    norms = grad_norms(reference)
+    assert [norms[s] > 3.5 for s in (1, 2, 3)] == [False, True, False], norms
+    same_steps(ours, reference, range(1, 4), 1e-5)
 
 
 @pytest.mark.slow

@@ -25,11 +25,13 @@ def padded_length(length: int, pad_multiple: int) -> int:
     return -(-length // pad_multiple) * pad_multiple
 
 
-def padding_multiples(ulysses: int, ring: int) -> tuple[int, int]:
+def padding_multiples(ulysses: int, ring: int, tp_split: int = 1) -> tuple[int, int]:
     """(`pad_multiple`, `pack_multiple`) of a `ulysses x ring` layout: a sample is a multiple of
-    2R (1 without a ring), the pack of N = U x R and of the samples' multiple."""
+    2R (1 without a ring), the pack of N = U x R and of the samples' multiple. `tp_split`:
+    Megatron's sequence parallelism splits each of the N shards over that many tensor-parallel
+    ranks (`ParallelConfig.tp_split`), so the pack is a multiple of N x tp_split."""
     sample = 2 * ring if ring > 1 else 1
-    return sample, math.lcm(sample, ulysses * ring)
+    return sample, math.lcm(sample, ulysses * ring * tp_split)
 
 
 def plan_micro_batches(

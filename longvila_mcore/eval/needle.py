@@ -163,7 +163,7 @@ def evaluate(args: argparse.Namespace, parallel: ParallelConfig) -> dict | None:
                 frames = cache.frame_ids(depth / 100, k)
                 answer = encode_text(tokenizer, needle.answer)
                 batch = teacher_forced_batch(
-                    tokenizer, layout, needle.question, answer, frames, 2 * parallel.sp
+                    tokenizer, layout, needle.question, answer, frames, 2 * parallel.token_split
                 ).to(device)
                 scores.append(score_answer(model, batch, cache.encode))
                 progress.update()

@@ -54,7 +54,13 @@ class LongVILAModel(MegatronModule):
         parallel.check_model(cfg)
         recompute_args = (recompute, recompute_num_layers)
         llm_config = qwen2_transformer_config(
-            cfg.llm, parallel.tp, parallel.pp, dtype, initialize, *recompute_args
+            cfg.llm,
+            parallel.tp,
+            parallel.pp,
+            dtype,
+            initialize,
+            *recompute_args,
+            sequence_parallel=parallel.tp_sequence_parallel,
         )
         super().__init__(config=llm_config)
         self.cfg = cfg

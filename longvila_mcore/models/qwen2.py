@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -33,9 +37,11 @@ def qwen2_transformer_config(
     initialize: bool = True,
     recompute: str = "none",
     recompute_num_layers: int = 0,
+    sequence_parallel: bool = False,
 ) -> TransformerConfig:
     """`initialize=False` leaves the weights unset, for a model that is loaded right after;
-    `recompute` / `recompute_num_layers` as `train.*` (models/recompute.py)."""
+    `recompute` / `recompute_num_layers` as `train.*` (models/recompute.py);
+    `sequence_parallel` is Megatron's, over the tensor-parallel ranks (tp > 1)."""
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -56,6 +62,7 @@ def qwen2_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pp,
         params_dtype=dtype,
         pipeline_dtype=dtype,  # of the activations sent between pipeline stages
@@ -121,7 +128,14 @@ class Qwen2Model(GPTModel):
             position_embedding_type="rope",
             rotary_base=llm.rope_theta,
             seq_len_interpolation_factor=llm.rope_scaling_factor,
+            # The embeddings are scattered over tensor-parallel ranks after the frames are
+            # spliced in (`hidden_states`), not by the embedding layer.
+            scatter_embedding_sequence_parallel=False,
         )
+        if post_process:
+            # `logits` runs on the gathered hidden states at target positions only, which a
+            # sequence-parallel output layer (it all-gathers its input itself) cannot take.
+            self.output_layer.sequence_parallel = False
         self.true_vocab_size = llm.vocab_size
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -146,14 +160,25 @@ class Qwen2Model(GPTModel):
         """Decoder layers (and the final norm on the last pipeline stage) over `[s, b, h]`.
 
         `decoder_input` is None on later pipeline stages, which read their input from the
-        previous stage (`set_input_tensor`).
+        previous stage (`set_input_tensor`). With Megatron's sequence parallelism the layers
+        run on this tensor-parallel rank's 1/tp of the tokens: the input is split here and the
+        last stage's output gathered, so the result is `[s, b, h]` on the last stage (and the
+        `[s / tp, b, h]` sent on to the next stage on the others).
         """
-        return self.decoder(
+        sequence_parallel = self.config.sequence_parallel
+        if decoder_input is not None and sequence_parallel:
+            decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+        hidden = self.decoder(
             hidden_states=decoder_input,
             attention_mask=None,
             rotary_pos_emb=self.rotary_freqs(position_ids),
             packed_seq_params=packed,
         )
+        if self.post_process and sequence_parallel:
+            # Backward: each rank keeps its slice of the gradient, which the output layer
+            # already summed over the vocabulary slices of the tensor-parallel ranks.
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary slice of the logits `[s, b, V / tp]`; padding columns beyond

@@ -236,7 +236,7 @@ def _kv_heads_after_ulysses(model: ModelConfig, layout: Layout) -> int:
     return max(kv // layout.ulysses, 1) * layout.ulysses
 
 
-def decoder_layer_saved(model: ModelConfig, layout: Layout) -> int:
+def decoder_layer_saved(model: ModelConfig, layout: Layout) -> float:
     """Elements a decoder layer keeps for its backward per local token (no recomputation).
 
     Counted from what the local-spec layer saves (tests/test_plan.py checks the count against
@@ -245,13 +245,15 @@ def decoder_layer_saved(model: ModelConfig, layout: Layout) -> int:
     and the attention output and log-sum-exp, fc1's output (2f, kept by SwiGLU) and fc2's input
     (f). Without sequence parallelism v is a view of the fused q/k/v output, which stays alive
     whole, and o_proj's input is the attention output; with it, all-to-all outputs are separate
-    tensors and o_proj's input (the all-to-all back) is one more.
+    tensors and o_proj's input (the all-to-all back) is one more. With tp > 1, Megatron's
+    sequence parallelism (`parallel.sequence_parallel`, the default) holds the norms and the
+    linear inputs they feed for 1/tp of the tokens (the linears gather them again in backward).
     """
     llm, t = model.llm, layout.tp
     d = llm.hidden_size // llm.num_attention_heads
     h, f = llm.hidden_size, llm.ffn_hidden_size
     hq = llm.num_attention_heads // t
-    norms = 6 * h + 2  # two norms: input, output, rstd; q/k/v and fc1 inputs
+    norms = (6 * h + 2) / t  # two norms: input, output, rstd; q/k/v and fc1 inputs
     mlp = 3 * f // t
     if layout.ulysses == 1:
         kv = llm.num_key_value_heads // t
@@ -298,7 +300,7 @@ class Memory:
         return self.total / GIB
 
 
-def _kept(saved: int, recomputed: int, layers: int, hidden: int, recompute: str) -> int:
+def _kept(saved: float, recomputed: int, layers: int, hidden: float, recompute: str) -> float:
     """Elements per token kept by `layers` layers that each save `saved`, of which selective
     recomputation drops `recomputed` (models/recompute.py).
 
@@ -338,11 +340,13 @@ def memory(
     attention = heads * (llm.hidden_size // llm.num_attention_heads + 1)
     mlp = 3 * llm.ffn_hidden_size // layout.tp
     saved = decoder_layer_saved(model, layout)
-    kept = _kept(saved, attention + mlp, layers, llm.hidden_size, layout.recompute)
+    # A layer's input (what full recomputation keeps) holds 1/tp of the tokens (see above).
+    layer_input = llm.hidden_size / layout.tp
+    kept = _kept(saved, attention + mlp, layers, layer_input, layout.recompute)
     # While a layer's backward runs: the gradients of its fc1 output and fc2 input.
     decoder = (in_flight * kept + mlp) * local * a
     if last:
-        decoder += 2 * llm.hidden_size * local * a  # final norm: input and output
+        decoder += 2 * layer_input * local * a  # final norm: input and output
 
     tower = sharder = 0.0
     if first and work.frames:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from longvila_mcore.config import ParallelConfig
 from longvila_mcore.runtime.device import check_flash_attn, retain_freed_host_memory
 from longvila_mcore.runtime.megatron_cpu import (
+    allow_sequence_parallel_torch_norm,
     enable_cpu_training_support,
     redirect_cuda_rng_to_cpu,
 )
@@ -59,17 +60,21 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
     )
 
 
-def init_model_parallel(parallel: ParallelConfig) -> int:
+def init_model_parallel(parallel: ParallelConfig, seed: int = 0) -> int:
     """Create Megatron's tp / pp / cp / dp groups for this layout; returns the data-parallel size.
 
     The sequence-parallel group (ulysses x ring) is Megatron's context-parallel group. Its
     hierarchical sub-groups are the Ulysses groups (contiguous ranks, level 0) and the ring groups
-    (strided by ulysses, level 1), which `parallel.groups` picks up.
+    (strided by ulysses, level 1), which `parallel.groups` picks up. `seed` seeds Megatron's
+    tensor-parallel RNG streams, which its sequence-parallel regions enter (`fork`) whatever the
+    dropout.
     """
     # Imported here so `import longvila_mcore` (tools, data workers) does not load Megatron.
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     redirect_cuda_rng_to_cpu()
+    allow_sequence_parallel_torch_norm()
     enable_cpu_training_support()  # every Megatron user starts here
     world = dist.get_world_size()
     dp = parallel.data_parallel_size(world)
@@ -83,6 +88,7 @@ def init_model_parallel(parallel: ParallelConfig) -> int:
         # On gloo the "gloo copies" of each group would be duplicates of the groups themselves.
         create_gloo_process_groups=dist.get_backend() != "gloo",
     )
+    model_parallel_cuda_manual_seed(seed)
     if dist.get_rank() == 0:
         log.info(
             "parallel layout: world %d = tp %d x pp %d x ulysses %d x ring %d x dp %d",

@@ -10,6 +10,7 @@ Nothing here runs when CUDA is available: on GPU, Megatron-Core is used unmodifi
 
 from __future__ import annotations
 
+import copy
 import importlib
 import types
 import warnings
@@ -81,6 +82,42 @@ def redirect_cuda_rng_to_cpu() -> None:
     # 5. `CudaRNGStatesTracker.add` (model_parallel_cuda_manual_seed) reads the CUDA generator's
     #    state directly through `torch.cuda.get_rng_state`, which raises on a CPU build.
     random.CudaRNGStatesTracker.add = _cpu_tracker_add
+
+
+def _sequence_parallel_torch_norm(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+    """`WrappedTorchNorm` that also serves Megatron's sequence parallelism: the norm itself is
+    per token, so it is built from a copy of `config` without the flag, and its parameters are
+    marked `sequence_parallel` as TENorm marks its own, so that `finalize_model_grads` sums
+    their gradients (each rank's holds only its 1/tp of the tokens) over the tensor-parallel
+    ranks."""
+    plain = copy.copy(config)
+    plain.sequence_parallel = False
+    norm = _torch_norm_new(cls, plain, hidden_size, eps, **kwargs)
+    for param in norm.parameters():
+        param.sequence_parallel = config.sequence_parallel
+    return norm
+
+
+_torch_norm_new = None
+
+
+def allow_sequence_parallel_torch_norm() -> None:
+    """Let Megatron's torch norm take `sequence_parallel` (idempotent; a no-op with CUDA).
+
+    Without Transformer Engine, the layers' norms and the decoder's final norm (`LayerNormImpl`
+    of transformer/transformer_block.py) are `WrappedTorchNorm`, which asserts
+    `not config.sequence_parallel` (transformer/torch_norm.py:32): a limit of the wrapper, not
+    of the torch norms. Its `__new__` is replaced, so every module that imported the class
+    (backends.py, transformer_block.py) builds the wrapped norm. Called by
+    `runtime.init_model_parallel`, for the same reason as `redirect_cuda_rng_to_cpu`.
+    """
+    global _torch_norm_new
+    if _torch_norm_new is not None or torch.cuda.is_available():
+        return
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    _torch_norm_new = WrappedTorchNorm.__new__
+    WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm
 
 
 def enable_cpu_support() -> None:
