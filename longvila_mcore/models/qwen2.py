@@ -138,6 +138,15 @@ class Qwen2Model(GPTModel):
             self.output_layer.sequence_parallel = False
         self.true_vocab_size = llm.vocab_size
 
+    def setup_embeddings_and_output_layer(self) -> None:
+        """Megatron's set-up of the embedding and output layer, run at the end of `__init__`:
+        with tied embeddings and pp > 1 it copies the first stage's embedding to the last stage
+        by an all-reduce. A model on the meta device (an uninitialised model's twin that only
+        lends its tensor-parallel marks, longvila.py) has no values to copy and skips it, on
+        every stage alike."""
+        if not any(p.is_meta for p in self.parameters()):
+            super().setup_embeddings_and_output_layer()
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings `[s, b, h]` of `input_ids` `[b, s]`."""
         return self.embedding(input_ids=input_ids, position_ids=None)
