@@ -18,10 +18,25 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   fi
 fi
 
-exec torchrun \
+# Preemption (docs/cluster.md): Slurm signals every process of the job. The training processes
+# finish their step, save and exit with status 75; torchrun forwards SIGUSR1 to them too (older
+# torchruns ignore it rather than die of it) and waits for the save; this script survives the
+# signals and exits with the training's status, which torchrun itself reports as 1.
+trap '' USR1 TERM
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1  # torchrun --signals-to-handle
+export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-600}  # --shutdown-timeout: time to save
+LONGVILA_EXIT_STATUS_FILE=$(mktemp)
+export LONGVILA_EXIT_STATUS_FILE
+status=0
+torchrun \
   --nnodes "${NNODES:-1}" \
   --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" \
   --master-port "${MASTER_PORT:-29500}" \
-  -m "${MODULE:-longvila_mcore.train}" "$@"
+  -m "${MODULE:-longvila_mcore.train}" "$@" || status=$?
+if [[ $status -ne 0 && -s $LONGVILA_EXIT_STATUS_FILE ]]; then
+  status=$(<"$LONGVILA_EXIT_STATUS_FILE")
+fi
+rm -f "$LONGVILA_EXIT_STATUS_FILE"
+exit "$status"

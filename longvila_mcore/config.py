@@ -332,7 +332,14 @@ class CheckpointConfig:
     """Start from these weights (a checkpoint of ours or a VILA-layout HF directory): the previous
     stage. Ignored when output_dir already holds a checkpoint to resume."""
     save_interval: int = 0
-    """Save every this many steps; 0 saves only at the end of the run."""
+    """Save every this many steps (0: off). The run also saves at its end, every
+    `save_interval_minutes`, and on SIGTERM / SIGUSR1 before it exits."""
+    save_interval_minutes: float = 30.0
+    """Save when this many minutes have passed since the last save (0: off), so that a crash
+    loses at most this much work whatever the step time."""
+    async_save: bool = True
+    """Write checkpoints in the background (Megatron's asynchronous save) while training goes
+    on; a checkpoint counts only once every rank's writes are done and it is renamed."""
     keep_last: int = 2
     """Checkpoints kept in output_dir/checkpoints (older ones are deleted)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,13 @@ from longvila_mcore.errors import NonFiniteError
 from longvila_mcore.runtime import default_device, default_dtype, init_distributed
 
 log = logging.getLogger("longvila_mcore.train")
+
+PREEMPTED = 75
+"""Exit status of a run stopped by SIGTERM / SIGUSR1 once its checkpoint is saved (EX_TEMPFAIL:
+run the same command again to continue); launch/slurm.sbatch requeues the job on it."""
+EXIT_STATUS_FILE = "LONGVILA_EXIT_STATUS_FILE"
+"""Environment variable naming a file the run writes its exit status to when preempted
+(launch/torchrun.sh: torchrun itself exits 1 whatever its workers' status)."""
 
 STAGES = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "stage").glob("*.yaml"))
 
@@ -92,9 +100,55 @@ def _starting_point(
     return model, tokenizer, origin
 
 
+class Preempted(Exception):
+    """The run was asked to stop (a signal) and has saved its checkpoint."""
+
+
+class SaveTriggers:
+    """When to save after a step: every `checkpoint.save_interval` steps, every
+    `checkpoint.save_interval_minutes` (rank 0's clock), at the end, and when SIGTERM or SIGUSR1
+    arrived on any rank (the handler only sets a flag: the step in progress finishes, then the
+    run saves and stops). The ranks agree through one small all-reduce per step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, config: Config, device: torch.device):
+        self.interval = config.checkpoint.save_interval
+        self.seconds = config.checkpoint.save_interval_minutes * 60
+        self.max_steps = config.train.max_steps
+        self.device = device
+        self.signal: str | None = None
+        self.last_save = time.monotonic()
+        self._previous = {sig: signal.signal(sig, self._received) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        """The signal handlers from before (the loop is over)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _received(self, signum: int, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def after(self, step: int) -> tuple[bool, bool]:
+        """(save, then stop) after `step`."""
+        timed = self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
+        flags = torch.tensor(
+            [float(self.signal is not None), float(timed and dist.get_rank() == 0)],
+            device=self.device,
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop = bool(flags[0])
+        periodic = self.interval > 0 and step % self.interval == 0
+        return stop or bool(flags[1]) or periodic or step == self.max_steps, stop
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+
 def train(config: Config, token_order: str | None = None) -> None:
     """One stage; `token_order` is an explicit `model.token_order` (see _explicit_token_order)."""
     from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
     from longvila_mcore.checkpoint.dist import read_meta
     from longvila_mcore.checkpoint.load import fill_weights
@@ -116,6 +170,7 @@ def train(config: Config, token_order: str | None = None) -> None:
     dtype = default_dtype(device)
     output_dir = Path(config.run.output_dir)
 
+    triggers = SaveTriggers(config, device)  # a signal from here on: save after the next step
     # --- model choice, checked before any tensor exists
     resume, load = _model_source(config)
     if config.data.name == "synthetic" and int(os.environ.get("LOCAL_RANK", 0)) == 0:
@@ -194,6 +249,7 @@ def train(config: Config, token_order: str | None = None) -> None:
         output_dir, step, train_cfg.max_steps, train_cfg.log_interval, config.run.tensorboard, rank0
     )
     model.train()
+    saves = AsyncCallsQueue()
     while step < train_cfg.max_steps:
         start = time.perf_counter()
         micro_batches = [b.to(device) for b in next(pipeline)]
@@ -246,8 +302,9 @@ def train(config: Config, token_order: str | None = None) -> None:
                 f"resume from the last checkpoint with a lower learning rate (train.lr_scale) "
                 "or check the data of these steps"
             )
-        interval = config.checkpoint.save_interval
-        if step == train_cfg.max_steps or (interval and step % interval == 0):
+        save, stop = triggers.after(step)
+        if save:
+            saves.maybe_finalize_async_calls(blocking=True)  # one save in flight at a time
             gather_parameters(ddp)
             save_train_checkpoint(
                 output_dir,
@@ -258,7 +315,14 @@ def train(config: Config, token_order: str | None = None) -> None:
                 pipeline.state_dict(),
                 {**meta, "trained_frames": int(trained_frames), "skipped_steps": skipped_steps},
                 config.checkpoint.keep_last,
+                saves if config.checkpoint.async_save else None,
             )
+            triggers.saved()
+        saves.maybe_finalize_async_calls(blocking=stop)  # completes a save whose writes are done
+        if stop and step < train_cfg.max_steps:
+            raise Preempted(f"step {step}: stopped by {triggers.signal or 'a signal'}, saved")
+    saves.maybe_finalize_async_calls(blocking=True)
+    triggers.restore()
     metrics.close()
     pipeline.close()
 
@@ -282,6 +346,11 @@ def main(cfg: DictConfig) -> None:
     init_distributed(device)
     try:
         train(config, token_order)
+    except Preempted as stop:
+        log.warning("%s: exiting with status %d to be run again", stop, PREEMPTED)
+        if os.environ.get(EXIT_STATUS_FILE):
+            Path(os.environ[EXIT_STATUS_FILE]).write_text(f"{PREEMPTED}\n")
+        sys.exit(PREEMPTED)
     except ValueError as err:  # bad config, data or checkpoint: one line, not a traceback
         print(f"error (rank {dist.get_rank()}): {err}", file=sys.stderr)
         sys.exit(2)

@@ -380,6 +380,7 @@ def _kill_when(path_exists: Path, proc: subprocess.Popen, timeout: float = 300) 
 
 @pytest.mark.slow
 def test_resume_after_stop_and_after_kill_during_save(tmp_path, reference):
+    """Checkpoints are written asynchronously (the default)."""
     run = REFERENCE
 
     def start(out: Path) -> subprocess.Popen:
@@ -408,6 +409,95 @@ def test_resume_after_stop_and_after_kill_during_save(tmp_path, reference):
     same_steps(crashed, reference, range(4, 7), 1e-6)
     names = sorted(p.name for p in (crashed / "checkpoints").iterdir())
     assert names == ["step_0000003", "step_0000006"]
+
+    # Killed while step 4's asynchronous save is still writing (steps go on meanwhile): step 2's
+    # checkpoint is intact and the run continues from it.
+    run = [*REFERENCE, "checkpoint.save_interval=2"]
+    in_flight = tmp_path / "in_flight"
+    _kill_when(in_flight / "checkpoints" / "step_0000004.incomplete", start(in_flight))
+    assert not (in_flight / "checkpoints" / "step_0000004").exists()
+    run_train(in_flight, *run)
+    same_steps(in_flight, reference, range(3, 7), 1e-6)
+
+
+def _start(out: Path, command: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or _env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def _signal_after_first_step(out: Path, proc: subprocess.Popen, sig: signal.Signals) -> int:
+    """Send `sig` to the run's whole process group (as Slurm signals every process of a job)
+    once its first step is logged; returns its exit status."""
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.monotonic() < deadline, "no step logged"
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-4000:]
+    return proc.returncode
+
+
+@pytest.mark.slow
+def test_a_signal_saves_and_exits_75_and_the_requeued_run_continues_exactly(tmp_path, reference):
+    """SIGTERM to `python -m longvila_mcore.train` (saving synchronously), and SIGUSR1 (Slurm's --signal) to
+    launch/torchrun.sh and its workers: the step in progress finishes, a checkpoint of it is
+    saved, the exit status is 75; running the same command again gives the uninterrupted run's
+    loss and gradient norm at every step."""
+    from longvila_mcore.checkpoint.resume import latest_checkpoint
+
+    term = tmp_path / "sigterm"
+    sync = [*REFERENCE, "checkpoint.async_save=false"]  # the blocking save
+    _signal_after_first_step(term, _start(term, train_command(term, *sync)), signal.SIGTERM)
+    usr1 = tmp_path / "sigusr1"
+    launcher = ["bash", str(REPO / "launch" / "torchrun.sh"), STAGE, *BASE, *REFERENCE]
+    env = {
+        **_env(),
+        "NPROC_PER_NODE": "1",
+        "MASTER_PORT": str(_free_port()),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    _signal_after_first_step(
+        usr1, _start(usr1, [*launcher, f"run.output_dir={usr1}"], env), signal.SIGUSR1
+    )
+    for out in (term, usr1):
+        stopped_at = int(latest_checkpoint(out).name.split("_")[1])
+        assert 1 <= stopped_at < 6, out
+        run_train(out, *REFERENCE)
+        same_steps(out, reference, range(1, 7), 1e-6)
+
+
+def test_save_triggers_interval_minutes_and_signals(single_rank):
+    from longvila_mcore.train import SaveTriggers
+
+    config = Config()
+    config.train.max_steps = 10
+    config.checkpoint.save_interval = 4
+    config.checkpoint.save_interval_minutes = 0
+    triggers = SaveTriggers(config, torch.device("cpu"))
+    try:
+        assert [triggers.after(step) for step in (1, 4, 10)] == [
+            (False, False),
+            (True, False),
+            (True, False),
+        ]
+        triggers.seconds = 1e-9  # a save is due by the clock
+        assert triggers.after(1) == (True, False)
+        triggers.seconds = 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert triggers.after(1) == (True, True) and triggers.signal == "SIGUSR1"
+    finally:
+        triggers.restore()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
 # --- starting from a converted checkpoint -----------------------------------------------------

@@ -12,8 +12,9 @@
 
 Tensors are saved sharded and reshard on load, so weights written with one tensor-parallel /
 sequence-parallel layout load under any other. A checkpoint is written to `<name>.incomplete`
-and renamed when every rank has finished: a crash mid-save leaves the previous checkpoints intact
-and `<name>.incomplete` is ignored (and removed by the next save of that name).
+and renamed when every rank has finished (with an asynchronous save: when every rank's
+background writer has): a crash mid-save leaves the previous checkpoints intact and
+`<name>.incomplete` is ignored (and removed by the next save of that name).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import json
 import logging
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from transformers import PreTrainedTokenizerBase
 
 from longvila_mcore.checkpoint.tensors import CheckpointError
@@ -127,12 +129,19 @@ def save_checkpoint(
     tokenizer: PreTrainedTokenizerBase | Sequence[Path],
     extra: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    async_queue: AsyncCallsQueue | None = None,
+    on_complete: Callable[[], None] | None = None,
 ) -> Path:
     """Write `model` (a LongVILAModel; `extra`: more sharded state, e.g. the optimizer)
     atomically to `path`. Every rank calls this; tensors are written by the ranks that hold them.
 
     `tokenizer` is saved with `save_pretrained`, or given as its files, which are copied as they
     are (conversion keeps the files of the released checkpoint).
+
+    With `async_queue` the tensors are written in the background (Megatron's async save: a
+    process forked from a snapshot of the state) and this returns at once; the checkpoint is
+    completed (metadata, rename, then `on_complete` on rank 0) when the queue finalizes the
+    save, i.e. once every rank's writer has finished.
     """
     final = Path(path)
     tmp = final.with_name(final.name + INCOMPLETE)
@@ -140,20 +149,32 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(), **(extra or {})}, str(tmp))
-    _barrier()
-    if _rank() == 0:
-        _save_tokenizer(tokenizer, tmp / "tokenizer")
-        info = {
-            "format_version": FORMAT_VERSION,
-            "model": dataclasses.asdict(model.cfg),
-            **(meta or {}),
-        }
-        (tmp / FORMAT_FILE).write_text(json.dumps(info, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    _barrier()
+    state = {"model": model.sharded_state_dict(), **(extra or {})}
+    info = {
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(model.cfg),
+        **(meta or {}),
+    }
+
+    def complete() -> None:
+        _barrier()  # every rank's tensors are on disk
+        if _rank() == 0:
+            _save_tokenizer(tokenizer, tmp / "tokenizer")
+            (tmp / FORMAT_FILE).write_text(json.dumps(info, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            if on_complete is not None:
+                on_complete()
+        _barrier()
+
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        complete()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(complete)
+        async_queue.schedule_async_request(request)
     return final
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer import MegatronOptimizer
 
 from longvila_mcore.checkpoint.dist import (
@@ -172,22 +173,26 @@ def save_train_checkpoint(
     data_state: dict,
     meta: dict,
     keep_last: int,
+    async_queue: AsyncCallsQueue | None = None,
 ) -> Path:
-    """Save everything needed to continue after `step` optimizer steps; prune old ones."""
+    """Save everything needed to continue after `step` optimizer steps; prune old ones once it
+    is complete (with `async_queue`: when the queue finalizes it, see `save_checkpoint`)."""
     path = checkpoint_path(output_dir, step)
     extra = {
         "optimizer": _optimizer_state(optimizer, model, is_loading=False),
         "train_state": {"step": step},
         **_per_rank_objects(data_state, _rng_state()),
     }
-    save_checkpoint(path, model, tokenizer, extra, {**meta, "step": step, **_layout()})
-    if dist.get_rank() == 0:
+
+    def prune() -> None:
         for old in complete_checkpoints(output_dir)[: -max(1, keep_last)]:
             shutil.rmtree(old)
         for stale in path.parent.glob(f"*{INCOMPLETE}"):
             shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
-    log.info("saved checkpoint %s", path)
+        log.info("saved checkpoint %s", path)
+
+    meta = {**meta, "step": step, **_layout()}
+    save_checkpoint(path, model, tokenizer, extra, meta, async_queue, on_complete=prune)
     return path
 
 
