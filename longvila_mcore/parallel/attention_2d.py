@@ -160,25 +160,34 @@ class _Attention2D(torch.autograd.Function):
         q, k, v = fold_batch(q), fold_batch(k), fold_batch(v)
         out, lse = ring_forward(q, k, v, layout, groups.ring, scale)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if u > 1:
+            # Held on ctx rather than saved for backward, which keeps saved tensors until the
+            # backward returns: the backward drops them before the gradients' all-to-all (a
+            # rank's peak). All are this function's own intermediates (the q/k/v received, the
+            # output before its all-to-all), which nothing else can modify in place.
+            ctx.held = [q, k, v, out, lse]
+        else:
+            ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (layout, groups, scale, batch, widths, kv_heads)
         out = unfold_batch(out, batch)
         return sequence_to_heads(out, widths[:1], ulysses)[0] if u > 1 else out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
         layout, groups, scale, batch, widths, kv_heads = ctx.args
         ulysses, u = groups.ulysses, groups.ulysses.size()
+        saved = ctx.held if u > 1 else list(ctx.saved_tensors)
+        ctx.held = None
+        dtype = saved[0].dtype
         if u > 1:
             dout = heads_to_sequence([dout], ulysses)
         dout = fold_batch(dout).contiguous()
-        grads = ring_backward(dout, q, k, v, out, lse, layout, groups.ring, scale)
-        del dout
+        grads = ring_backward(dout, *saved, layout, groups.ring, scale)
+        del dout, saved
         if u == 1:
-            return (*(unfold_batch(g.to(q.dtype), batch) for g in grads), None, None, None)
+            return (*(unfold_batch(g.to(dtype), batch) for g in grads), None, None, None)
         # Passed without a name here, so the all-to-all frees the buffer once it is sent.
-        dq, dk, dv = sequence_to_heads(_pack(grads, widths, batch, q.dtype), widths, ulysses)
+        dq, dk, dv = sequence_to_heads(_pack(grads, widths, batch, dtype), widths, ulysses)
         if dk.shape[2] != kv_heads:  # the replicas' gradients add up
             dk, dv = (x.unflatten(2, (kv_heads, -1)).sum(3) for x in (dk, dv))
         return dq, dk, dv, None, None, None
