@@ -10,6 +10,7 @@ With one rank it is plain KV-cache generation (the same code, a group of one).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,8 +25,8 @@ from longvila_mcore.parallel.kv_cache import ShardedKVCache
 
 def prompt_multiple(ulysses: int, ring: int) -> int:
     """What a prompt is padded to for the sequence-parallel forward: the pack a multiple of
-    U x R, and with a ring its one sample a multiple of 2R (2 x U x R is both)."""
-    return ulysses * ring * (2 if ring > 1 else 1)
+    U x R, and with a ring its one sample a multiple of 2R."""
+    return math.lcm(2 * ring, ulysses * ring) if ring > 1 else ulysses
 
 
 class Session:
