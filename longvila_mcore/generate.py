@@ -14,9 +14,9 @@ the checkpoint records (raster for a released VILA-layout directory) unless `--t
 otherwise.
 
 Under torchrun the N = tp x ulysses x ring ranks split the model tensor-parallel and the sequence
-over ulysses x ring: the media and the text before the questions are prefilled through the
-image-first sharder and the 2D attention, and their KV cache stays sharded where it was computed
-(inference/session.py). Several `--prompt`s are answered one after the other about the same
+over ulysses x ring: each rank decodes only the frames it encodes; the media and the text before
+the questions are prefilled through the image-first sharder and the 2D attention, and their KV
+cache stays sharded where it was computed (inference/session.py). Several `--prompt`s are answered one after the other about the same
 prefilled media (encoded once). Decoding is greedy unless `--temperature` > 0. Rank 0 streams
 each answer to stdout, one line per prompt; with `--json` each answer's line is followed by
 `{"text": ..., "token_ids": [...]}` (the last line of stdout is the last answer's).
@@ -35,9 +35,11 @@ import torch.distributed as dist
 from longvila_mcore.checkpoint.hf import CheckpointError
 from longvila_mcore.checkpoint.load import load_for_inference
 from longvila_mcore.config import TOKEN_ORDERS, ParallelConfig
+from longvila_mcore.data.batch import frame_block
 from longvila_mcore.data.chat import render_prompt
 from longvila_mcore.data.layout import Expanded, MediaLayout
-from longvila_mcore.data.media import VIDEO_RESIZES, MediaError, load_image, load_video
+from longvila_mcore.data.media import VIDEO_RESIZES, MediaError, probe_image, probe_video
+from longvila_mcore.data.packing import load_frames
 from longvila_mcore.data.tokenizer import IM_END, token_id
 from longvila_mcore.inference.sampling import Sampler, TextStream
 from longvila_mcore.inference.session import Session
@@ -176,24 +178,31 @@ def generate(args: argparse.Namespace, parallel: ParallelConfig) -> list[dict]:
     )
     vision = loaded.model.cfg.vision
     num_frames = args.num_frames or loaded.num_video_frames
-    # VILA's order (LLaVADataset): the images, then the videos.
-    media = [load_image(path, vision) for path in args.image] + [
-        load_video(path, num_frames, vision, resize=args.video_resize) for path in args.video
+    # VILA's order (LLaVADataset): the images, then the videos. Probed from their containers;
+    # this rank decodes only the frames it encodes.
+    media = [probe_image(path, vision) for path in args.image] + [
+        probe_video(path, num_frames, vision, resize=args.video_resize) for path in args.video
     ]
+    total = sum(len(medium) for medium in media)
+    sp = loaded.model.sp
+    block = frame_block(total, sp.rank, sp.size)
+    frames = load_frames(media, block.start, block.stop)
+    if not media:
+        size = vision.image_size
+        frames = torch.empty(0, 3, size, size)
     tokenizer = loaded.tokenizer
     layout = MediaLayout.from_tokenizer(tokenizer, loaded.model.cfg.tokens_per_frame)
     kinds = ["image"] * len(args.image) + ["video"] * len(args.video)
     prompts = [
-        layout.expand(render_prompt(tokenizer, prompt, kinds), [len(frames) for frames in media])
+        layout.expand(render_prompt(tokenizer, prompt, kinds), [len(medium) for medium in media])
         for prompt in args.prompt
     ]
     input_ids, media_index, questions = split_prompts(prompts)
-    size = vision.image_size
-    frames = torch.cat(media) if media else torch.empty(0, 3, size, size)
     printing = dist.get_rank() == 0
     answers = []
+    pad_id = tokenizer.pad_token_id or 0
     with Session(
-        loaded.model, input_ids, media_index, frames.to(device), tokenizer.pad_token_id or 0
+        loaded.model, input_ids, media_index, frames.to(device), pad_id, None, total, block.start
     ) as session:
         for question in questions:
             stream = TextStream(tokenizer, args.stop, _write if printing else None)

@@ -10,6 +10,7 @@ With one rank it is plain KV-cache generation (the same code, a group of one).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,15 +25,17 @@ from longvila_mcore.parallel.kv_cache import ShardedKVCache
 
 def prompt_multiple(ulysses: int, ring: int) -> int:
     """What a prompt is padded to for the sequence-parallel forward: the pack a multiple of
-    U x R, and with a ring its one sample a multiple of 2R (2 x U x R is both)."""
-    return ulysses * ring * (2 if ring > 1 else 1)
+    U x R, and with a ring its one sample a multiple of 2R."""
+    return math.lcm(2 * ring, ulysses * ring) if ring > 1 else ulysses
 
 
 class Session:
     """The KV cache of one prefilled prefix `input_ids` / `media_index` `[P]` reading `frames`
-    (or, with `encode`, any per-frame tensor it understands, as `LongVILAModel.embed`). Every
-    rank of the model's groups builds it with the same arguments; use it as a context manager
-    (the cache is detached from the model on exit)."""
+    (or, with `encode`, any per-frame tensor it understands, as `LongVILAModel.embed`): the
+    global frames `frame_offset` .. of the prompt's `num_frames` (default: all of them), at
+    least those this rank encodes (the Batch contract). Every rank of the model's groups builds
+    it with the same prompt; use it as a context manager (the cache is detached from the model
+    on exit)."""
 
     @torch.no_grad()
     def __init__(
@@ -43,6 +46,8 @@ class Session:
         frames: torch.Tensor,
         pad_id: int,
         encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        num_frames: int | None = None,
+        frame_offset: int = 0,
     ):
         model.eval()
         self.model, self.llm, self.sp = model, model.llm, model.sp
@@ -53,7 +58,8 @@ class Session:
         for i, attention in enumerate(self.attentions):
             attention.kv_cache = self.cache.layer(i)
         self.length = int(input_ids.shape[0])
-        self.last_hidden = self._prefill(input_ids, media_index, frames, pad_id, encode)
+        frames_of = {"num_frames": num_frames, "frame_offset": frame_offset}
+        self.last_hidden = self._prefill(input_ids, media_index, frames, frames_of, pad_id, encode)
         self.prefix_sizes = list(self.cache.sizes)
 
     def __enter__(self) -> Session:
@@ -63,7 +69,7 @@ class Session:
         for attention in self.attentions:
             attention.kv_cache = None
 
-    def _prefill(self, input_ids, media_index, frames, pad_id, encode) -> torch.Tensor:
+    def _prefill(self, input_ids, media_index, frames, frames_of, pad_id, encode) -> torch.Tensor:
         """Cache the prefix's keys / values where they are computed; the last token's hidden
         state `[1, 1, h]` on every rank."""
         length = self.length
@@ -77,6 +83,7 @@ class Session:
             position_ids=torch.arange(padded),
             cu_seqlens=torch.tensor([0, padded]),
             frames=frames,
+            **frames_of,
         ).to(self.device)
         positions = self.sp.shard(batch.position_ids, cu_seqlens=batch.cu_seqlens)
         self.cache.prefill(positions, positions < length)
