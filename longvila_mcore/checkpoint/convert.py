@@ -74,6 +74,7 @@ from longvila_mcore.checkpoint.hf import (
     load_tokenizer,
     longvila_rules,
     read_config_and_tokenizer,
+    stage_rules,
     tokenizer_files,
     unused_tensors,
 )
@@ -168,14 +169,6 @@ def hf_to_mcore(
         parallel.check_model(cfg)
     except ValueError as err:
         raise CheckpointError(f"tp {tp} x pp {pp} does not fit {root}: {err}") from err
-    if pp > 1 and cfg.llm.tie_word_embeddings:
-        # Megatron copies a tied embedding to the last stage with a CUDA all-reduce while it
-        # builds the model (LanguageModule.setup_embeddings_and_output_layer), which cannot run
-        # in the CPU processes the conversion uses.
-        raise CheckpointError(
-            f"{root} ties its input and output embeddings, which cannot be converted with pp "
-            f"{pp}; use pp 1: the checkpoint loads under any pipeline layout (it reshards)"
-        )
     reader = SafetensorsReader(root)
     rules = longvila_rules(cfg, tp=1)
     reader.check_complete(rules, unused_tensors(cfg))
@@ -239,7 +232,7 @@ def _write_shard(
     )
     load_full_tensors(
         model,
-        longvila_rules(cfg, parallel.tp),
+        stage_rules(cfg, parallel.tp),
         SafetensorsReader(root).read,
         parallel_state.get_tensor_model_parallel_rank(),
         parallel.tp,

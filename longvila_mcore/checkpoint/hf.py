@@ -18,6 +18,7 @@ the caller overrides it (`--token-order`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -293,10 +294,21 @@ def longvila_rules(cfg: ModelConfig, tp: int) -> list[Rule]:
     return qwen2_rules(cfg, padded) + siglip_rules(cfg) + projector_rules(cfg)
 
 
+def stage_rules(cfg: ModelConfig, tp: int) -> list[Rule]:
+    """`longvila_rules` for filling one pipeline stage: with tied embeddings a last stage
+    without the first holds its own copy of the embedding as its output layer (Megatron sums
+    the two copies' gradients), filled from the same HF tensor."""
+    rules = longvila_rules(cfg, tp)
+    if cfg.llm.tie_word_embeddings:
+        embedding = next(r for r in rules if r.mcore == "llm.embedding.word_embeddings.weight")
+        rules.append(dataclasses.replace(embedding, mcore="llm.output_layer.weight"))
+    return rules
+
+
 def fill_from_vila(model: LongVILAModel, hf_dir: str | Path) -> None:
     """Fill this rank's shard of `model` from a VILA-layout checkpoint, tensor by tensor."""
     cfg = model.cfg
-    rules = longvila_rules(cfg, parallel_state.get_tensor_model_parallel_world_size())
+    rules = stage_rules(cfg, parallel_state.get_tensor_model_parallel_world_size())
     reader = SafetensorsReader(hf_dir)
     reader.check_complete(rules, unused_tensors(cfg))
     load_full_tensors(
