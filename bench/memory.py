@@ -18,10 +18,15 @@ Two measures, both reported as ratios to `none` at the same S:
 
 The step's CPU time (one thread, without the counting mode) shows what recomputation costs.
 
-    python bench/memory.py [--seq 2048 4096 8192] [--json]
+Then, per S, the distributed optimizer off / on: two data-parallel ranks (gloo) run whole
+training steps (training/step.py: forward, backward, gradient reduction, Megatron's AdamW), the
+third one counted as above. Each rank holds the weights and the gradient buffer; with the
+distributed optimizer it holds Adam's moments (and, in fp32, nothing else: the master weights are
+the parameters) for half of the parameters only. The tensor peak per rank (the larger of the
+two; the resident-set measure would count only what the step adds), as ratios to the optimizer
+off.
 
-The distributed optimizer (optimizer off / on) is not part of this run yet: the training loop
-has no Megatron optimizer at this commit.
+    python bench/memory.py [--seq 2048 4096 8192] [--json]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 import time
@@ -145,6 +151,77 @@ def measure(seq: int, recompute: str) -> dict:
     }
 
 
+def measure_optimizer(seq: int, distributed: bool) -> dict:
+    """Training steps with Megatron's optimizer on this data-parallel rank (under torchrun)."""
+    import torch
+    import torch.distributed as dist
+    from sp_attention import PeakMemory
+
+    from longvila_mcore.config import ParallelConfig, StageConfig, TrainConfig
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.runtime import init_distributed, init_model_parallel
+    from longvila_mcore.training.step import build_optimizer, train_step, wrap_model
+
+    init_distributed(torch.device("cpu"))
+    m_mmap_threshold = -3
+    ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 128 * 1024)  # after the runtime's setting
+    dp = init_model_parallel(ParallelConfig())
+    cfg = bench_model()
+    torch.manual_seed(0)
+    model = LongVILAModel(cfg, ParallelConfig(), torch.device("cpu"))
+    model.set_trainable(True, True, True)
+    train = TrainConfig(distributed_optimizer=distributed, overlap_communication=False)
+    ddp = wrap_model(model, train)
+    optimizer, scheduler = build_optimizer(ddp, StageConfig(lr=1e-4), train, torch.float32)
+    model.train()
+    batches = [video_sample(cfg, seq)]
+    for _ in range(2):  # the first step creates Adam's state
+        train_step(ddp, optimizer, scheduler, batches)
+    state = [
+        t
+        for inner in optimizer.chained_optimizers
+        for per_param in inner.optimizer.state.values()
+        for t in per_param.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    ]
+    buffers = [b for buffer in ddp.buffers for b in (buffer.param_data, buffer.grad_data)]
+    resting = [*model.parameters(), *(b for b in buffers if b is not None), *state]
+    with PeakMemory(*resting) as memory:
+        train_step(ddp, optimizer, scheduler, batches)
+    state_bytes = sum(t.untyped_storage().nbytes() for t in state)
+    measured = torch.tensor([float(memory.peak), float(state_bytes)], dtype=torch.float64)
+    dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+    peak, state_bytes = measured.tolist()
+    return {
+        "seq": seq,
+        "dp": dp,
+        "distributed_optimizer": distributed,
+        "tensor_peak_bytes": peak,
+        "optimizer_state_bytes": state_bytes,
+    }
+
+
+def run_optimizer_fresh(seq: int, distributed: bool) -> dict:
+    """Two data-parallel ranks under torchrun, in fresh processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    out = subprocess.run(
+        [*launcher, "--master-port", str(_free_port()), __file__, "--optimizer-worker", str(seq)]
+        + [str(int(distributed))],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_fresh(seq: int, recompute: str) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--worker", str(seq), recompute],
@@ -160,9 +237,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--json", action="store_true", help="last line: the results as JSON")
     parser.add_argument("--worker", nargs=2, metavar=("SEQ", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--optimizer-worker", nargs=2, metavar=("SEQ", "ON"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(int(args.worker[0]), args.worker[1])))
+        return
+    if args.optimizer_worker:
+        seq, on = (int(a) for a in args.optimizer_worker)
+        result = measure_optimizer(seq, bool(on))
+        if int(os.environ["RANK"]) == 0:
+            print(json.dumps(result))
         return
 
     rows = [run_fresh(seq, mode) for seq in args.seq for mode in MODES]
@@ -189,8 +275,25 @@ def main() -> None:
     print("minus weights and gradients; RSS: resident high-water mark of the step above the")
     print("resident size before it. Ratios are to recompute=none at the same S. CPU s: the")
     print("step's CPU time (one thread), which shared cores disturb less than wall time.")
+
+    optim = [run_optimizer_fresh(seq, on) for seq in args.seq for on in (False, True)]
+    off = {r["seq"]: r for r in optim if not r["distributed_optimizer"]}
+    print()
+    print("dp 2, one whole training step per rank (larger rank): distributed optimizer off / on")
+    print(f"{'S':>6}{'dist. opt':>10}{'tensor MiB':>12}{'ratio':>7}{'Adam MiB':>10}{'ratio':>7}")
+    for r in optim:
+        b = off[r["seq"]]
+        for key in ("tensor_peak_bytes", "optimizer_state_bytes"):
+            r[key.replace("_bytes", "_ratio")] = r[key] / b[key]
+        print(
+            f"{r['seq']:>6}{'on' if r['distributed_optimizer'] else 'off':>10}"
+            f"{r['tensor_peak_bytes'] / MIB:>12.1f}{r['tensor_peak_ratio']:>7.2f}"
+            f"{r['optimizer_state_bytes'] / MIB:>10.1f}{r['optimizer_state_ratio']:>7.2f}"
+        )
+    print("tensor: peak live tensor storage of a step with the optimizer's (weights, gradient")
+    print("buffer, Adam moments included); Adam: the moments this rank holds. Ratios to off.")
     if args.json:
-        print(json.dumps({"args": vars(args), "rows": rows}))
+        print(json.dumps({"args": vars(args), "rows": rows, "optimizer_rows": optim}))
 
 
 if __name__ == "__main__":

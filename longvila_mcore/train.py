@@ -233,7 +233,7 @@ def train(config: Config, token_order: str | None = None) -> None:
     step, skipped_steps, skipped_in_a_row = 0, 0, 0
     if resume is not None:
         skipped_steps = read_meta(resume).get("skipped_steps", 0)
-        step, data_state = resume_train_checkpoint(resume, model, optimizer, pipeline.state_dict())
+        step, data_state = resume_train_checkpoint(resume, model, optimizer, pipeline)
         pipeline.load_state_dict(data_state)
         scheduler.step(increment=step)  # the schedule is a function of the step
         log.info("resumed from %s after step %d", resume, step)

@@ -500,6 +500,23 @@ def test_save_triggers_interval_minutes_and_signals(single_rank):
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
+@pytest.mark.slow
+def test_resume_under_another_layout_continues_the_run(tmp_path, reference):
+    """Saved after step 3 at tp 1 x dp 2 and at tp 1 x pp 2 x dp 2, resumed at tp 2 x pp 1 x
+    dp 1 (the distributed optimizer throughout): its state and the weights reshard, the data
+    ranks' positions merge into one, and steps 4-6 are the uninterrupted one-process run's."""
+    for name, before, nproc in (
+        ("dp2", [], 2),
+        ("pp2_dp2", ["parallel.pp=2"], 4),
+    ):
+        out = tmp_path / name
+        run_train(out, "train.max_steps=3", *before, nproc=nproc)
+        run_train(out, *REFERENCE, "parallel.tp=2", nproc=2)
+        meta = json.loads((out / "checkpoints/step_0000006/longvila.json").read_text())
+        assert (meta["tp"], meta["pp"], meta["dp"]) == (2, 1, 1)
+        same_steps(out, reference, range(1, 7), 1e-5)
+
+
 # --- starting from a converted checkpoint -----------------------------------------------------
 
 

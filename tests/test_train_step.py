@@ -73,12 +73,14 @@ def _optimizer_state_per_rank(ulysses: int) -> dict:
 
 
 @pytest.mark.slow
-def test_distributed_optimizer_state_is_sharded_over_dp_and_sp():
-    """4 ranks = dp 2 x ulysses 2: each rank holds 1/4 of the Adam state (up to Megatron's
-    bucket padding), every element exactly once; without the distributed optimizer each rank
-    holds all of it."""
-    result = run_ranks(4, _optimizer_state_per_rank, 2)
-    whole, n = result["whole"], 4
+@pytest.mark.parametrize("ulysses", [1, 2])
+def test_distributed_optimizer_state_is_sharded_over_dp_and_sp(ulysses):
+    """dp 2 (2 ranks) and dp 2 x ulysses 2 (4 ranks): each rank holds 1/(dp x sp) of the Adam
+    state (up to Megatron's bucket padding), every element exactly once; without the
+    distributed optimizer each rank holds all of it."""
+    n = 2 * ulysses
+    result = run_ranks(n, _optimizer_state_per_rank, ulysses)
+    whole = result["whole"]
     assert result["dp"] == 2
     assert result["held"][False] == [whole] * n
     sharded = result["held"][True]

@@ -29,6 +29,7 @@ from longvila_mcore.checkpoint.dist import (
     save_checkpoint,
 )
 from longvila_mcore.checkpoint.tensors import CheckpointError
+from longvila_mcore.data.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,16 @@ def _per_rank_objects(data_state: dict, rng: dict) -> dict:
     }
 
 
+def _every_data_position(saved_dp: int, data_state: dict) -> dict:
+    """The data positions of all `saved_dp` data-parallel ranks of a checkpoint, each read by
+    every rank (a few numbers each), to reshard them to this run's data-parallel size."""
+    rank = dist.get_rank()  # rank 0 holds the main replica of each, as the loader checks
+    return {
+        str(r): ShardedObject("data_state", data_state, (saved_dp,), (r,), replica_id=rank)
+        for r in range(saved_dp)
+    }
+
+
 def _per_layer(sharded):
     """A layer's own ShardedTensor instead of its slot in the stack of all layers.
 
@@ -130,13 +141,34 @@ def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
                 param.grad = None
 
 
+def _load_optimizer(optimizer: MegatronOptimizer, loaded: dict) -> None:
+    """`optimizer.load_state_dict(loaded)`, with the distributed optimizer's parameter state
+    loaded in a second call once AdamW's per-parameter step counts are out of the way.
+
+    Without apex / Transformer Engine, Megatron's distributed optimizer puts a step count in
+    every parameter's state, then loads the `fully_reshardable` parameter state by copying
+    each of the state's tensors from the checkpoint, which has no step (fused Adam keeps none
+    per parameter): a KeyError. `_restore_step_counts` puts the counts back.
+    """
+    inners = optimizer.chained_optimizers
+    states = [loaded] if len(inners) == 1 else [loaded[k] for k in sorted(loaded)]
+    with torch.no_grad():  # fp32 master weights are views of the parameters themselves
+        for inner, state in zip(inners, states, strict=True):
+            param_state = state.pop("param_state", None)
+            inner.load_state_dict(state)
+            if param_state is None:
+                continue
+            for per_param in inner.optimizer.state.values():
+                per_param.pop("step", None)
+            inner.load_parameter_state_from_fully_reshardable(param_state)
+
+
 def _restore_step_counts(optimizer: MegatronOptimizer, loaded: dict) -> None:
     """AdamW's step count (bias correction) as saved, one tensor per parameter.
 
     Without apex / Transformer Engine, Megatron's distributed optimizer saves the count in its
-    parameter groups but, loading `dp_reshardable` state, copies the placeholder's count (from
-    `_allocate_optimizer_state`) over it; and it restores counts as one tensor shared by every
-    parameter, which AdamW would advance once per parameter and step.
+    parameter groups only (see `_load_optimizer`), and restores counts as one tensor shared by
+    every parameter, which AdamW would advance once per parameter and step.
     """
     groups = loaded.get("optimizer", {}).get("param_groups", [])
     saved = {float(g["step"]) for g in groups if g.get("step") is not None}
@@ -144,24 +176,36 @@ def _restore_step_counts(optimizer: MegatronOptimizer, loaded: dict) -> None:
         raise CheckpointError(f"the optimizer state holds several step counts {sorted(saved)}")
     for inner in optimizer.chained_optimizers:
         for state in inner.optimizer.state.values() if inner.optimizer else ():
-            if torch.is_tensor(state.get("step")):
-                count = next(iter(saved)) if saved else float(state["step"])
-                state["step"] = torch.tensor(count)
+            if saved:
+                state["step"] = torch.tensor(next(iter(saved)))
+            elif torch.is_tensor(state.get("step")):
+                state["step"] = torch.tensor(float(state["step"]))
+            else:
+                raise CheckpointError("the optimizer state holds no step count")
 
 
 def _optimizer_state(optimizer: MegatronOptimizer, model, is_loading: bool) -> dict:
-    """Megatron's sharded optimizer state. A non-distributed optimizer's is keyed by the
-    (per-layer) parameters it belongs to. The distributed optimizer's is its own buckets
-    (`dp_reshardable`: written and read in parallel without gathering, same tp / pp layout;
-    Megatron 0.16's formats that reshard over tp / pp gather on CUDA or are unsupported)."""
+    """Megatron's sharded optimizer state, keyed by the (per-layer) parameters it belongs to,
+    so it reshards over tp / pp / dp like the weights.
+
+    The distributed optimizer's state is saved `fully_reshardable`: its flat shards are
+    gathered over the data-parallel ranks into whole per-parameter tensors (Megatron 0.16
+    writes no flat slices of a parameter: `fully_sharded_model_space` fails its own check), and
+    each rank of the loading run reads the tensors of its parameters and keeps its shard. On
+    GPU the gather is an NCCL all-gather; on CPU, where Megatron's all-gather path moves the
+    shards to CUDA, the gloo gather onto data-parallel rank 0 (Megatron's memory-efficient
+    variant, which reads its gloo group from `data_parallel_group_gloo`: the group itself).
+    """
     if is_loading:
         _allocate_optimizer_state(optimizer)
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    for inner in optimizer.chained_optimizers:
+        group = getattr(inner, "data_parallel_group", None)
+        if group is not None and dist.get_backend(group) == "gloo":
+            inner.data_parallel_group_gloo = group
+            metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
     per_layer = dict_list_map_outplace(_per_layer, model.sharded_state_dict())
-    return optimizer.sharded_state_dict(
-        per_layer,
-        is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": "dp_reshardable"},
-    )
+    return optimizer.sharded_state_dict(per_layer, is_loading=is_loading, metadata=metadata)
 
 
 def save_train_checkpoint(
@@ -196,43 +240,34 @@ def save_train_checkpoint(
     return path
 
 
-def resume_train_checkpoint(path: Path, model, optimizer, data_state: dict) -> tuple[int, dict]:
-    """Load the train state saved at `path`; returns (step, data state). The data position
-    needs the same data-parallel size; the RNG states are restored when the world size is the
-    same (the model and optimizer load under any layout)."""
+def resume_train_checkpoint(path: Path, model, optimizer, pipeline: Pipeline) -> tuple[int, dict]:
+    """Load the train state saved at `path` under any tp / pp / dp layout; returns (step, this
+    rank's data state for `pipeline`). The RNG states are restored when the layout is the
+    same. Under another data-parallel size the ranks continue the global sample stream where
+    the saved ranks left it (`Pipeline.resharded_state`)."""
     meta = read_meta(path)
     layout = _layout()
-    if meta.get("dp") != layout["dp"]:
-        raise CheckpointError(
-            f"{path} was written with {meta.get('dp')} data-parallel ranks, this run has "
-            f"{layout['dp']}: resume with the same layout, or start a new run.output_dir with "
-            f"checkpoint.load={path}"
-        )
-    model_parallel = {k: meta.get(k, 1) for k in ("tp", "pp")}
-    if optimizer.config.use_distributed_optimizer and model_parallel != {
-        k: layout[k] for k in ("tp", "pp")
-    }:
-        raise CheckpointError(
-            f"{path} was written with {model_parallel}, this run has tp={layout['tp']}, "
-            f"pp={layout['pp']}: the distributed optimizer's state resumes only under the same "
-            "layout; resume with it, or start a new run.output_dir with "
-            f"checkpoint.load={path}"
-        )
-    objects = _per_rank_objects(data_state, _rng_state())
-    if meta.get("world_size") != layout["world_size"]:
+    objects = _per_rank_objects(pipeline.state_dict(), _rng_state())
+    saved_dp = meta.get("dp", layout["dp"])
+    if saved_dp != layout["dp"]:
+        objects["data"] = _every_data_position(saved_dp, pipeline.state_dict())
+        log.info("data-parallel size %d -> %d: the data positions reshard", saved_dp, layout["dp"])
+    if any(meta.get(k, 1) != layout[k] for k in ("world_size", "dp", "tp", "pp")):
         objects.pop("rng")
-        log.info("world size changed since %s: RNG states are not restored", path)
+        log.info("layout changed since %s: RNG states are not restored", path)
     extra = {
         "optimizer": _optimizer_state(optimizer, model, is_loading=True),
         "train_state": {"step": 0},
         **objects,
     }
     state = load_checkpoint(path, model, extra)
-    with torch.no_grad():  # fp32 master weights are views of the parameters themselves
-        optimizer.load_state_dict(state["optimizer"])
+    _load_optimizer(optimizer, state["optimizer"])
     _restore_step_counts(optimizer, state["optimizer"])
     if "rng" in state:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return int(state["train_state"]["step"]), state["data"]
+    data = state["data"]
+    if saved_dp != layout["dp"]:
+        data = pipeline.resharded_state([data[str(r)] for r in range(saved_dp)])
+    return int(state["train_state"]["step"]), data

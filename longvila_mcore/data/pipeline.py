@@ -203,6 +203,35 @@ class Pipeline:
         self._position = StreamPosition(state["epoch"], state["index"], state["consumed"])
         self.skipped = dict.fromkeys(SKIP_REASONS, 0) | state["skipped"]
 
+    def resharded_state(self, saved: list[dict]) -> dict:
+        """This rank's state from the states every data-parallel rank of another layout saved
+        (`saved[r]` from rank r of `len(saved)`): every rank continues the global stream after
+        the furthest sample any saved rank read, so no sample is trained twice. The ranks read
+        alike except where they skipped samples (too long, corrupt): samples a rank that
+        skipped fewer had not reached yet are left out. The skip counters go to rank 0."""
+        for state in saved:
+            for name in ("seed", "kind"):
+                if state[name] != getattr(self, name):
+                    raise ValueError(
+                        f"the data position was saved with {name}={state[name]!r} but this run "
+                        f"has {getattr(self, name)!r}; resume with the same seed and stage, or "
+                        "start the data stream afresh"
+                    )
+        furthest = max(saved, key=lambda state: state["consumed"])
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
+        if self.dp_rank == 0:
+            for state in saved:
+                for reason, count in state["skipped"].items():
+                    skipped[reason] = skipped.get(reason, 0) + count
+        return {
+            **{k: furthest[k] for k in StreamPosition._fields},
+            "skipped": skipped,
+            "seed": self.seed,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "kind": self.kind,
+        }
+
     def close(self) -> None:
         """Drop the samples and the step decoded ahead (they are decoded again if needed)."""
         if isinstance(self._ahead, tuple) and isinstance(self._ahead[0], Future):
