@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longvila_mcore.errors import ConfigError
 from longvila_mcore.models.recompute import check_recompute
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class ModelConfig:
 def check_token_order(order: str, where: str) -> None:
     """Raise naming `where` (the option that set it) unless `order` is one of TOKEN_ORDERS."""
     if order not in TOKEN_ORDERS:
-        raise ValueError(
+        raise ConfigError(
             f"{where}={order!r} is not a token order; use raster (the Qwen2 LongVILA releases, "
             "VILA from December 2024 on) or legacy (VILA1.5 and Llama-3 LongVILA-8B checkpoints)"
         )
@@ -156,10 +157,10 @@ class ParallelConfig:
         """The data-parallel degree left over by this layout; raises if it does not fit."""
         for name in ("tp", "pp", "ulysses", "ring"):
             if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         per_replica = self.tp * self.pp * self.sp
         if world_size % per_replica:
-            raise ValueError(
+            raise ConfigError(
                 f"world size {world_size} is not divisible by tp x pp x ulysses x ring = "
                 f"{self.tp} x {self.pp} x {self.ulysses} x {self.ring} = {per_replica}; "
                 "change parallel.* or the number of ranks"
@@ -170,24 +171,24 @@ class ParallelConfig:
         """Raise if the model's heads and layers cannot be split this way."""
         llm, vision = model.llm, model.vision
         if llm.num_attention_heads % self.tp or llm.num_key_value_heads % self.tp:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.tp={self.tp} must divide the LLM's {llm.num_attention_heads} heads and "
                 f"{llm.num_key_value_heads} KV heads"
             )
         if vision.num_attention_heads % self.tp:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.tp={self.tp} must divide the vision tower's "
                 f"{vision.num_attention_heads} heads"
             )
         heads_per_rank = llm.num_attention_heads // self.tp
         if heads_per_rank % self.ulysses:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.ulysses={self.ulysses} must divide the {heads_per_rank} attention heads "
                 f"per tensor-parallel rank ({llm.num_attention_heads} heads / tp {self.tp})"
             )
         if llm.num_layers % self.pp:
             divisors = [d for d in range(1, llm.num_layers + 1) if llm.num_layers % d == 0]
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.pp={self.pp} must divide the LLM's {llm.num_layers} layers (each "
                 f"pipeline stage gets the same number of decoder layers; the vision tower stays "
                 f"whole on the first); use one of {divisors}"
@@ -263,15 +264,17 @@ class StageConfig:
     def check(self) -> None:
         unknown = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
         if unknown or not self.trainable:
-            raise ValueError(
+            raise ConfigError(
                 f"stage.trainable={self.trainable} must be a non-empty subset of {TRAINABLE_PARTS}"
             )
         if self.data_kind not in DATA_KINDS:
-            raise ValueError(f"stage.data_kind={self.data_kind!r} must be one of {DATA_KINDS}")
+            raise ConfigError(f"stage.data_kind={self.data_kind!r} must be one of {DATA_KINDS}")
         if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"stage.lr_schedule={self.lr_schedule!r} must be cosine or constant")
+            raise ConfigError(f"stage.lr_schedule={self.lr_schedule!r} must be cosine or constant")
         if not 0.0 <= self.min_lr <= self.lr:
-            raise ValueError(f"stage.min_lr={self.min_lr} must be between 0 and stage.lr={self.lr}")
+            raise ConfigError(
+                f"stage.min_lr={self.min_lr} must be between 0 and stage.lr={self.lr}"
+            )
 
 
 @dataclass
@@ -324,6 +327,9 @@ class RunConfig:
     """Where metrics.jsonl, TensorBoard events and checkpoints/ go; rerunning resumes from it."""
     tensorboard: bool = False
     """Also write TensorBoard events under output_dir/tensorboard."""
+    peak_tflops: float = 989.0
+    """Peak dense TFLOP/s of one device, the denominator of the `mfu` metric: 989 is an H100
+    SXM's in bf16; set your accelerator's (on a CPU run the mfu is only nominal)."""
 
 
 @dataclass
@@ -365,6 +371,6 @@ def model_preset(name: str) -> ModelConfig:
     path = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"no model preset {name!r}; choose one of {names}")
+        raise ConfigError(f"no model preset {name!r}; choose one of {names}")
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
     return OmegaConf.to_object(merged)

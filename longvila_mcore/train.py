@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from longvila_mcore.config import Config, ModelConfig
-from longvila_mcore.errors import NonFiniteError
+from longvila_mcore.errors import ConfigError, DataError, NonFiniteError, UserError
 from longvila_mcore.runtime import default_device, default_dtype, init_distributed
 
 log = logging.getLogger("longvila_mcore.train")
@@ -45,11 +46,11 @@ ConfigStore.instance().store(name="base_config", node=Config)
 def _resolve(cfg: DictConfig) -> Config:
     """The typed config, with the errors a user can cause turned into one clear message."""
     if OmegaConf.is_missing(cfg.stage, "name"):
-        raise ValueError(f"no stage selected: add +stage=<name>, one of {' '.join(STAGES)}")
+        raise ConfigError(f"no stage selected: add +stage=<name>, one of {' '.join(STAGES)}")
     config: Config = OmegaConf.to_object(cfg)
     config.stage.check()
     if config.train.lr_scale <= 0:
-        raise ValueError(f"train.lr_scale={config.train.lr_scale} must be > 0 (1: the stage's lr)")
+        raise ConfigError(f"train.lr_scale={config.train.lr_scale} must be > 0 (1: the stage's lr)")
     return config
 
 
@@ -93,7 +94,7 @@ def _starting_point(
     if config.stage.rope_theta is not None:
         model.llm.rope_theta = config.stage.rope_theta
     if len(tokenizer) > model.llm.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size="
             f"{model.llm.vocab_size}; raise model.llm.vocab_size"
         )
@@ -157,7 +158,8 @@ def train(config: Config, token_order: str | None = None) -> None:
     from longvila_mcore.data.pipeline import build_pipeline
     from longvila_mcore.models.longvila import LongVILAModel
     from longvila_mcore.runtime import init_model_parallel
-    from longvila_mcore.training.metrics import MetricsWriter
+    from longvila_mcore.training.flops import batches_flops
+    from longvila_mcore.training.metrics import MetricsWriter, peak_memory_gib
     from longvila_mcore.training.step import (
         build_optimizer,
         gather_parameters,
@@ -253,25 +255,29 @@ def train(config: Config, token_order: str | None = None) -> None:
     while step < train_cfg.max_steps:
         start = time.perf_counter()
         micro_batches = [b.to(device) for b in next(pipeline)]
+        data_wait = time.perf_counter() - start
         counts = torch.tensor(
             [
                 sum(b.num_targets for b in micro_batches),
                 sum(b.input_ids.numel() for b in micro_batches),
                 sum(pipeline.skipped.values()),
+                batches_flops(model_cfg, micro_batches, parts),
             ],
             dtype=torch.float64,
             device=device,
         )
         dist.all_reduce(counts, group=dp_group)
-        num_targets, tokens, skipped = (int(c) for c in counts.tolist())
+        num_targets, tokens, skipped, flops = (int(c) for c in counts.tolist())
         longest = max(b.most_frames() for b in micro_batches)
         trained_frames = torch.clamp(trained_frames, min=longest)
         dist.all_reduce(trained_frames, op=dist.ReduceOp.MAX, group=dp_group)
         if num_targets == 0:
-            raise ValueError(
+            raise DataError(
                 f"step {step + 1} has no target tokens: check the data and stage.data_kind"
             )
         result = train_step(ddp, optimizer, scheduler, micro_batches)
+        compute = time.perf_counter() - start - data_wait
+        wall = data_wait + compute
         step += 1
         skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
         skipped_steps += result.skipped
@@ -289,7 +295,12 @@ def train(config: Config, token_order: str | None = None) -> None:
                 "lr": result.lr,
                 "grad_norm": result.grad_norm,
                 "tokens": tokens,
-                "step_time_s": time.perf_counter() - start,
+                "step_time_s": compute,
+                "data_wait_s": data_wait,
+                "tokens_per_s": tokens / wall,
+                "samples_per_s": train_cfg.global_batch_size / wall,
+                "mfu": flops / (wall * dist.get_world_size() * config.run.peak_tflops * 1e12),
+                **peak_memory_gib(device),
                 "skipped_samples": skipped,
                 "skipped_steps": skipped_steps,
             }
@@ -339,24 +350,36 @@ def main(cfg: DictConfig) -> None:
         config = _resolve(cfg)
         token_order = _explicit_token_order(config, HydraConfig.get().overrides.task)
         config.parallel.data_parallel_size(int(os.environ.get("WORLD_SIZE", 1)))
-    except ValueError as err:
+    except ValueError as err:  # reading the configuration: every error here is the user's
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     device = default_device()
     init_distributed(device)
     try:
-        train(config, token_order)
+        status = exit_status(lambda: train(config, token_order))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(status)
+
+
+def exit_status(run: Callable[[], None]) -> int:
+    """Run `run` (the training) and return the process's exit status: 0; PREEMPTED once a
+    signalled run has saved (also written to $LONGVILA_EXIT_STATUS_FILE for launch/torchrun.sh);
+    2 after an error the user caused (config, data, checkpoint, divergence: one line on stderr).
+    Any other exception is a bug and propagates with its traceback."""
+    try:
+        run()
     except Preempted as stop:
         log.warning("%s: exiting with status %d to be run again", stop, PREEMPTED)
         if os.environ.get(EXIT_STATUS_FILE):
             Path(os.environ[EXIT_STATUS_FILE]).write_text(f"{PREEMPTED}\n")
-        sys.exit(PREEMPTED)
-    except ValueError as err:  # bad config, data or checkpoint: one line, not a traceback
-        print(f"error (rank {dist.get_rank()}): {err}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        return PREEMPTED
+    except UserError as err:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from longvila_mcore.data import pipeline as pipeline_module
 from longvila_mcore.data.pipeline import build_pipeline
 from longvila_mcore.data.stream import expand_shards, index_shard
 from longvila_mcore.data.synthetic import generate_synthetic
+from longvila_mcore.errors import DataError
 
 MODEL = ModelConfig()  # tiny tower: 28 px, one token a frame
 
@@ -174,7 +175,7 @@ def test_too_long_samples_are_skipped_with_a_warning(dataset, caplog):
 
 def test_all_unusable_stops_with_a_clear_error(dataset, monkeypatch):
     monkeypatch.setattr(pipeline_module, "MAX_SKIPS_IN_A_ROW", 30)
-    with pytest.raises(RuntimeError, match="30 samples in a row"):
+    with pytest.raises(DataError, match="30 samples in a row"):
         next(make(dataset, "text", max_length=32))
 
 

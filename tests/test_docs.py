@@ -27,6 +27,7 @@ CLIS = [
     (["tools/plan_parallelism.py"], "cluster.md"),
     (["tools/make_shards.py", "llava"], "data_format.md"),
     (["tools/make_shards.py", "tokens"], "data_format.md"),
+    (["tools/plot_metrics.py"], "benchmarks.md"),
 ]
 
 SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', re.M)

@@ -635,7 +635,14 @@ def test_metrics_lines_and_tensorboard(tmp_path):
         "grad_norm": 0.5,
         "tokens": 10,
         "step_time_s": 0.1,
+        "data_wait_s": 0.02,
+        "tokens_per_s": 83.3,
+        "samples_per_s": 66.7,
+        "mfu": 0.001,
+        "peak_memory_gib": 1.5,
+        "peak_memory_gib_per_rank": [1.5],
         "skipped_samples": 0,
+        "skipped_steps": 0,
     }
     for _ in range(2):  # a resumed run appends to the same file
         writer = MetricsWriter(tmp_path, 0, 1, 1, tensorboard=True, enabled=True)
@@ -683,3 +690,71 @@ def test_non_finite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, single
     assert [r["skipped_steps"] for r in records] == [0, 1, 2]
     assert torch.isfinite(torch.tensor(records[0]["grad_norm"]))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_throughput_metrics_and_their_plot(tmp_path, reference):
+    """A tiny run's metrics.jsonl holds throughput, MFU, memory and data wait per step, and
+    tools/plot_metrics.py draws it into RUN_DIR/metrics.png."""
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        wall = r["step_time_s"] + r["data_wait_s"]
+        assert r["data_wait_s"] >= 0 and r["step_time_s"] > 0
+        assert abs(r["tokens_per_s"] - r["tokens"] / wall) <= 1e-6 * r["tokens_per_s"]
+        assert abs(r["samples_per_s"] - 8 / wall) <= 1e-6 * r["samples_per_s"]
+        assert 0 < r["mfu"] < 1 and r["peak_memory_gib"] > 0.1
+        assert r["peak_memory_gib_per_rank"] == [r["peak_memory_gib"]]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text((reference / "metrics.jsonl").read_text())
+    done = subprocess.run(
+        [sys.executable, "tools/plot_metrics.py", str(run), "--smooth", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    png = (run / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    """Config, data, checkpoint and divergence errors: exit status 2 and one line; a signalled
+    stop: 75, also in $LONGVILA_EXIT_STATUS_FILE; any other error (a plain ValueError included)
+    propagates with its traceback."""
+    from longvila_mcore.checkpoint.tensors import CheckpointError
+    from longvila_mcore.errors import ConfigError, DataError, NonFiniteError
+    from longvila_mcore.train import PREEMPTED, Preempted, exit_status
+
+    def raising(error):
+        def run():
+            raise error
+
+        return run
+
+    for error in (ConfigError("c"), DataError("d"), CheckpointError("k"), NonFiniteError("n")):
+        assert exit_status(raising(error)) == 2
+        assert capsys.readouterr().err == f"error (rank 0): {error}\n"
+    status_file = tmp_path / "status"
+    monkeypatch.setenv("LONGVILA_EXIT_STATUS_FILE", str(status_file))
+    assert exit_status(raising(Preempted("step 3: stopped by SIGTERM, saved"))) == PREEMPTED == 75
+    assert status_file.read_text() == "75\n"
+    for bug in (ValueError("internal"), RuntimeError("internal")):
+        with pytest.raises(type(bug), match="internal"):
+            exit_status(raising(bug))
+    assert exit_status(lambda: None) == 0
+
+
+def test_a_data_error_is_one_line(tmp_path):
+    """Shards that do not exist: one line naming the pattern, exit status 2, no traceback."""
+    done = subprocess.run(
+        train_command(tmp_path, "data=webdataset", f"data.conversation={tmp_path}/missing-*.tar"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=REPO,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "matches no file" in done.stderr and "Traceback" not in done.stderr

@@ -271,3 +271,50 @@ def test_a_non_finite_step_updates_nothing_and_the_run_continues_as_without_it(s
         expected.lr,
     )
     assert all(torch.equal(a, b) for a, b in zip(ddp.parameters(), ddp2.parameters()))
+
+
+# --- model FLOPs for the MFU ------------------------------------------------------------------
+
+
+def test_model_flops_match_torch_flop_counter(single_rank):
+    """The weight matmuls of training/flops.py against torch's FLOP counter on the real model
+    (tower with patch embedding, projector, decoder, output layer at target positions): the
+    forward exactly; forward plus backward within 1% (the counter's backward skips the patch
+    embedding's gradient towards the pixels). The counter does not see this project's attention
+    kernels, whose causal count is the formula's own."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from longvila_mcore.config import ParallelConfig
+    from longvila_mcore.models.longvila import LongVILAModel
+    from longvila_mcore.training.flops import PARTS, forward_flops, training_flops
+    from tests.test_sp_model import model_config, packed_batch
+
+    cfg = model_config()
+    torch.manual_seed(0)
+    model = LongVILAModel(cfg, ParallelConfig(), torch.device("cpu"))
+    model.set_trainable(True, True, True)
+    batch = packed_batch(cfg.tokens_per_frame)
+    with FlopCounterMode(display=False) as forward:
+        loss_sum, _ = model.loss(batch)
+    with FlopCounterMode(display=False) as backward:
+        loss_sum.backward()
+    bounds = batch.cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    frames, targets = batch.frames.shape[0], batch.num_targets
+    ours = forward_flops(cfg, frames, lengths, targets)
+    assert sum(linear for linear, _ in ours.values()) == forward.get_total_flops()
+    attention = sum(a for _, a in ours.values())
+    total = training_flops(cfg, frames, lengths, targets, set(PARTS)) - 3 * attention
+    counted = forward.get_total_flops() + backward.get_total_flops()
+    assert abs(total - counted) <= 0.01 * counted, (total, counted)
+    # Only the projector learns: the decoder's backward computes activation gradients only,
+    # the frozen tower before the projector none.
+    linear = {part: flops for part, (flops, _) in ours.items()}
+    projector_only = training_flops(cfg, frames, lengths, targets, {"mm_projector"})
+    assert projector_only == (
+        linear["vision_tower"]
+        + ours["vision_tower"][1]
+        + 3 * linear["mm_projector"]
+        + 2 * linear["llm"]
+        + 3 * ours["llm"][1]
+    )

@@ -39,6 +39,7 @@ from longvila_mcore.data.media import MediaError
 from longvila_mcore.data.packing import collate, padded_length
 from longvila_mcore.data.samples import KINDS, BadSample, Sample, SampleBuilder
 from longvila_mcore.data.stream import SampleRef, epoch_stream, expand_shards
+from longvila_mcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Pipeline:
         )
         _check_sp_rank(sp_rank, sp_size)
         if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0: decode inline)")
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (0: decode inline)")
         self.shards = shards
         self.builder = builder
         self.kind = kind
@@ -161,7 +162,7 @@ class Pipeline:
             in_a_row += 1
             if in_a_row == MAX_SKIPS_IN_A_ROW:
                 so_far = {k: self.skipped[k] + skipped[k] for k in SKIP_REASONS}
-                raise RuntimeError(
+                raise DataError(
                     f"{in_a_row} samples in a row were unusable (skipped so far: {so_far}), "
                     f"the last: {message}; check the data.{self.kind} shards and max_length"
                 )
@@ -194,7 +195,7 @@ class Pipeline:
         """Continue from `state` (saved by the same rank of the same layout and seed)."""
         for name in ("seed", "dp_size", "dp_rank", "kind"):
             if state[name] != getattr(self, name):
-                raise ValueError(
+                raise DataError(
                     f"the data position was saved with {name}={state[name]!r} but this run has "
                     f"{getattr(self, name)!r}; resume with the same seed, stage and data-parallel "
                     "layout, or start the data stream afresh"
@@ -269,7 +270,7 @@ class Pipeline:
                 if (consumed - 1) % self.dp_size == self.dp_rank:
                     yield StreamPosition(epoch, i + 1, consumed), ref
             if empty:
-                raise ValueError(f"the shards {self.shards[:3]}... hold no samples")
+                raise DataError(f"the shards {self.shards[:3]}... hold no samples")
             epoch, index = epoch + 1, 0
 
     def _decoded(
@@ -337,7 +338,7 @@ def build_pipeline(
         dp_size,
     )
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set one (Qwen2 uses <|endoftext|>)")
+        raise DataError("the tokenizer has no pad token; set one (Qwen2 uses <|endoftext|>)")
     builder = SampleBuilder(
         tokenizer,
         MediaLayout.from_tokenizer(tokenizer, model.tokens_per_frame),
@@ -369,14 +370,14 @@ def build_pipeline(
 def shard_pattern(data: DataConfig, kind: str) -> str:
     """The shard pattern of `kind`: `data.<kind>`, or the synthetic cache's for data=synthetic."""
     if kind not in KINDS:
-        raise ValueError(f"unknown sample kind {kind!r}; use one of {KINDS}")
+        raise ConfigError(f"unknown sample kind {kind!r}; use one of {KINDS}")
     pattern = getattr(data, kind)
     if not pattern and data.name == "synthetic":
         from longvila_mcore.data.synthetic import synthetic_paths
 
         pattern = synthetic_paths(data.cache_dir).shards[kind]
     if not pattern:
-        raise ValueError(
+        raise ConfigError(
             f"data.{kind} is empty: set it to the shards of the {kind} samples "
             "(e.g. /data/x-{000000..000099}.tar; format in longvila_mcore/data/FORMAT.md)"
         )
@@ -395,19 +396,19 @@ def _check_layout(
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"data-parallel rank {dp_rank} of {dp_size} is not a valid rank")
     if global_batch_size < 1 or global_batch_size % dp_size:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch_size={global_batch_size} must be a positive multiple of the "
             f"data-parallel size {dp_size}; change the batch size or the parallel layout"
         )
     if micro_batch_size < 1:
-        raise ValueError(f"train.micro_batch_size={micro_batch_size} must be >= 1")
+        raise ConfigError(f"train.micro_batch_size={micro_batch_size} must be >= 1")
     if pad_multiple < 1 or pack_multiple % pad_multiple:
         raise ValueError(
             f"pack_multiple={pack_multiple} must be a multiple of pad_multiple={pad_multiple} "
             "(packing.padding_multiples gives both for a sequence-parallel layout)"
         )
     if max_length < pack_multiple or max_length % pack_multiple:
-        raise ValueError(
+        raise ConfigError(
             f"max_length={max_length} must be a positive multiple of {pack_multiple} (a pack is "
             "a multiple of ulysses x ring, and of 2 x ring with a ring); change the stage's "
             "max_length or the sequence-parallel layout"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
+from longvila_mcore.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,13 +55,13 @@ def expand_shards(pattern: str) -> list[str]:
         matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
         missing = [m for m in matches if not Path(m).is_file()]
         if not matches or missing:
-            raise ValueError(
+            raise DataError(
                 f"shard pattern {pattern!r}: {missing[0] if missing else part!r} matches no file; "
                 "fix the data.* shard pattern (brace ranges and globs are expanded)"
             )
         paths += matches
     if not paths:
-        raise ValueError(f"shard pattern {pattern!r} is empty; set the data.* shard pattern")
+        raise DataError(f"shard pattern {pattern!r} is empty; set the data.* shard pattern")
     return paths
 
 
@@ -80,7 +82,7 @@ def index_shard(path: str) -> Iterator[SampleRef]:
         try:
             archive = tarfile.TarFile(fileobj=f)
         except tarfile.TarError as err:
-            raise ValueError(f"shard {path} is not an uncompressed tar file: {err}") from err
+            raise DataError(f"shard {path} is not an uncompressed tar file: {err}") from err
         key, members, error = None, [], None
         try:
             for member in archive:

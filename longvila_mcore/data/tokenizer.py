@@ -17,6 +17,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from longvila_mcore.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|endoftext|>"
@@ -112,7 +114,7 @@ def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
             if token in MEDIA_TOKENS
             else "use a ChatML (Qwen2-style) tokenizer"
         )
-        raise ValueError(f"the tokenizer has no token {token!r}; {fix}")
+        raise DataError(f"the tokenizer has no token {token!r}; {fix}")
     return id_
 
 
@@ -120,7 +122,7 @@ def newline_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id of "\\n", which follows every frame; it must be a single token."""
     ids = tokenizer.encode("\n", add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(
+        raise DataError(
             f'the tokenizer encodes "\\n" as {len(ids)} tokens {ids}; the frame layout needs '
             "exactly one (byte-level BPE tokenizers such as Qwen2's have it)"
         )

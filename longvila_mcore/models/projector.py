@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from longvila_mcore.config import ModelConfig, VisionConfig, check_token_order
+from longvila_mcore.errors import ConfigError
 
 SUPPORTED_PROJECTORS = ("mlp_downsample",)
 
 
 def check_projector_type(model: ModelConfig) -> None:
     if model.projector_type not in SUPPORTED_PROJECTORS:
-        raise ValueError(
+        raise ConfigError(
             f"model.projector_type={model.projector_type!r} is not supported; set it to "
             f"{' or '.join(map(repr, SUPPORTED_PROJECTORS))} (the projector of the LongVILA releases)"
         )
@@ -46,7 +47,7 @@ class DownSample2x2(nn.Module):
         f, p, c = features.shape
         side = math.isqrt(p)
         if side * side != p:
-            raise ValueError(
+            raise ConfigError(
                 f"{p} patches per frame do not form a square grid; the projector needs square "
                 "frames (vision.image_size a multiple of vision.patch_size)"
             )

@@ -19,6 +19,8 @@ exact with dropout too (on CPU through runtime/megatron_cpu.py's RNG redirection
 
 from __future__ import annotations
 
+from longvila_mcore.errors import ConfigError
+
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 DECODER_SELECTIVE = ("core_attn", "mlp")
 TOWER_SELECTIVE = ("core_attn",)
@@ -27,13 +29,13 @@ TOWER_SELECTIVE = ("core_attn",)
 def check_recompute(recompute: str, num_layers: int) -> None:
     """Raise naming the option unless `recompute` / `num_layers` are valid."""
     if recompute not in RECOMPUTE_CHOICES:
-        raise ValueError(
+        raise ConfigError(
             f"train.recompute={recompute!r} is not a recompute mode; use none, selective or full"
         )
     if num_layers < 0:
-        raise ValueError(f"train.recompute_num_layers={num_layers} must be >= 0 (0: every layer)")
+        raise ConfigError(f"train.recompute_num_layers={num_layers} must be >= 0 (0: every layer)")
     if num_layers and recompute != "full":
-        raise ValueError(
+        raise ConfigError(
             f"train.recompute_num_layers={num_layers} applies to train.recompute=full only "
             f"(here {recompute}); set it to 0 or use full"
         )

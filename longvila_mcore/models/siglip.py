@@ -20,6 +20,7 @@ from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
 from longvila_mcore.config import VisionConfig
+from longvila_mcore.errors import ConfigError, DataError
 from longvila_mcore.models.recompute import TOWER_SELECTIVE, recompute_fields
 from longvila_mcore.models.specs import transformer_layer_spec
 
@@ -125,7 +126,7 @@ class SiglipVisionTower(MegatronModule):
         super().__init__(config=config)
         used = vision.num_used_layers
         if not 0 <= used <= vision.num_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"vision.select_layer={vision.select_layer} selects no hidden state of a "
                 f"{vision.num_layers}-layer tower; use a value in [-{vision.num_layers + 1}, -1] "
                 "(LongVILA: -2)"
@@ -161,7 +162,7 @@ class SiglipVisionTower(MegatronModule):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """Output of layer `num_used_layers` (no post-LayerNorm) for normalised frames."""
         if frames.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
+            raise DataError(
                 f"frames of {tuple(frames.shape[-2:])} px do not match vision.image_size="
                 f"{self.image_size}; resize them to the tower's size first"
             )

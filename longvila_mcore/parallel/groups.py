@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from longvila_mcore.errors import ConfigError
+
 
 def check_layout(ulysses: int, ring: int, world_size: int) -> None:
     """Raise unless `ulysses x ring` sequence-parallel ranks tile a world of `world_size`."""
     if ulysses < 1 or ring < 1:
-        raise ValueError(f"ulysses={ulysses} and ring={ring} must both be >= 1")
+        raise ConfigError(f"ulysses={ulysses} and ring={ring} must both be >= 1")
     if world_size % (ulysses * ring):
-        raise ValueError(
+        raise ConfigError(
             f"sequence parallel size ulysses x ring = {ulysses} x {ring} = {ulysses * ring} does "
             f"not divide the world size {world_size}; change parallel.ulysses / parallel.ring or "
             "the number of ranks"
