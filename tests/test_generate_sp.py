@@ -147,7 +147,7 @@ def _layouts():
     )  # fmt: skip
     results = {}
     for tp, ulysses, ring in LAYOUTS:
-        model = build(ParallelConfig(tp=tp, ulysses=ulysses, ring=ring))
+        model = build(ParallelConfig(tp=tp, ulysses=ulysses, ring=ring, sequence_parallel=False))
         got = answers(model)
         # Every rank saw the same tokens.
         gathered = [None] * dist.get_world_size()
@@ -250,3 +250,86 @@ def test_cli_prompts_sampling_stop_and_streaming(tmp_path_factory):
     cut = _answers(_run(*base, "--prompt", first if text == both[0]["text"] else second,
                         "--stop", stop, "--stop", "never said"))  # fmt: skip
     assert cut[0]["text"] == text[: text.index(stop)]
+
+
+class _Chars:
+    """A tokenizer of one character a token; token 9 is a character's first UTF-8 byte alone."""
+
+    CHARS = ["a", "b", "c", "d", " ", "E", "N", "D", "f", "\ufffd"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.CHARS[i] for i in ids)
+
+
+def test_text_stream_cuts_at_stop_strings_and_streams_what_cannot_start_one():
+    from longvila_mcore.inference.sampling import TextStream
+
+    pieces = []
+    stream = TextStream(_Chars(), stops=[" END", "ff"], write=pieces.append)
+    tokens = [0, 1, 2, 4, 3, 4, 5]  # "abc d E"
+    assert not any(stream.push(tokens[: i + 1]) for i in range(len(tokens)))
+    assert "".join(pieces) == "abc "  # " E" and the character before could begin " END"
+    assert stream.push([*tokens, 6, 7]) is True  # "abc d END": cut before " END"
+    assert stream.finish() == "abc d" and "".join(pieces) == "abc d"
+    other = TextStream(_Chars(), stops=["ff"])
+    assert other.push([0, 8, 8, 1]) and other.finish() == "a"
+    written = []
+    plain = TextStream(_Chars(), write=written.append)
+    assert not plain.push([0, 9])  # "a" and a character's first byte: the byte waits
+    assert "".join(written) == "a"
+    assert not plain.push([0, 1]) and "".join(written) == "ab" and plain.finish() == "ab"
+    with pytest.raises(ValueError, match="--stop ''"):
+        TextStream(_Chars(), stops=[""])
+
+
+def test_sampler_is_seeded_and_keeps_to_top_p():
+    from longvila_mcore.inference.sampling import Sampler
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    assert Sampler()(logits) == 0  # temperature 0: greedy
+    draws = [Sampler(1.0, 1.0, seed=s)(logits) for s in range(200)]
+    assert set(draws) == {0, 1, 2, 3, 4} or len(set(draws)) >= 4
+    again = [Sampler(1.0, 1.0, seed=s)(logits) for s in range(200)]
+    assert draws == again  # a seed gives its tokens
+    # Probabilities 0.61, 0.22, 0.14, ...: top-p 0.8 keeps the first two (0.61 < 0.8 <= 0.83).
+    assert {Sampler(1.0, 0.8, seed=s)(logits) for s in range(200)} == {0, 1}
+    probs = logits.double().softmax(0)
+    share = sum(d == 0 for d in draws) / len(draws)
+    assert abs(share - float(probs[0])) < 0.1
+    for bad, match in (((-1.0, 1.0), "--temperature -1.0"), ((1.0, 0.0), "--top-p 0.0")):
+        with pytest.raises(ValueError, match=match):
+            Sampler(*bad)
+
+
+def test_parallel_layout_fills_the_ranks_or_says_how():
+    from longvila_mcore.generate import parallel_layout, parse_args
+
+    def layout(world, *flags):
+        args = parse_args(["--load", "x", "--prompt", "hi", *flags])
+        return parallel_layout(args, world)
+
+    assert (layout(8, "--ulysses", "2", "--ring", "2").tp, layout(1).tp) == (2, 1)
+    assert layout(4, "--ring", "2", "--tp", "2").ring == 2
+    with pytest.raises(ValueError, match="must equal the 8 ranks"):
+        layout(8, "--ulysses", "2", "--tp", "2")
+
+
+def test_several_prompts_share_the_prefix_up_to_their_text():
+    from longvila_mcore.data.layout import Expanded
+    from longvila_mcore.generate import split_prompts
+
+    def expanded(ids, media):
+        return Expanded(torch.tensor(ids), torch.tensor(media), torch.zeros(len(ids), dtype=bool))
+
+    media = [-1, 0, 1, -1]
+    a = expanded([5, 9, 9, 6, 7, 8], [*media, -1, -1])
+    b = expanded([5, 9, 9, 6, 7, 3, 4], [*media, -1, -1, -1])
+    ids, index, rest = split_prompts([a, b])
+    assert ids.tolist() == [5, 9, 9, 6, 7] and rest == [[8], [3, 4]]
+    assert index.tolist() == [*media, -1]
+    ids, _, rest = split_prompts([a, a])  # the same question twice: each keeps its last token
+    assert ids.tolist() == [5, 9, 9, 6, 7] and rest == [[8], [8]]
+    ids, _, rest = split_prompts([a])  # one prompt: all of it is prefilled
+    assert len(ids) == 6 and rest == [[]]
+    with pytest.raises(ValueError, match="differ only after the media"):
+        split_prompts([a, expanded([5, 1, 9, 6, 7, 8], [-1, -1, 0, 1, -1, -1])])

@@ -49,6 +49,12 @@ class Session:
         num_frames: int | None = None,
         frame_offset: int = 0,
     ):
+        if model.llm.config.sequence_parallel:
+            raise ValueError(
+                "generation feeds one token at a time, which Megatron's sequence parallelism "
+                "cannot split over the tensor-parallel ranks: build the model with "
+                "ParallelConfig(sequence_parallel=False)"
+            )
         model.eval()
         self.model, self.llm, self.sp = model, model.llm, model.sp
         self.device = next(model.parameters()).device
