@@ -32,15 +32,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from longvila_mcore.checkpoint.hf import CheckpointError
 from longvila_mcore.checkpoint.load import load_for_inference
 from longvila_mcore.config import TOKEN_ORDERS, ParallelConfig
 from longvila_mcore.data.batch import frame_block
 from longvila_mcore.data.chat import render_prompt
 from longvila_mcore.data.layout import Expanded, MediaLayout
-from longvila_mcore.data.media import VIDEO_RESIZES, MediaError, probe_image, probe_video
+from longvila_mcore.data.media import VIDEO_RESIZES, probe_image, probe_video
 from longvila_mcore.data.packing import load_frames
 from longvila_mcore.data.tokenizer import IM_END, token_id
+from longvila_mcore.errors import ConfigError, UserError
 from longvila_mcore.inference.sampling import Sampler, TextStream
 from longvila_mcore.inference.session import Session
 from longvila_mcore.models.longvila import LongVILAModel
@@ -78,7 +78,7 @@ def split_prompts(prompts: list[Expanded]) -> tuple[torch.Tensor, torch.Tensor, 
     for other in ids[1:]:
         common = next((i for i in range(common) if other[i] != ids[0][i]), common)
     if any(bool((p.media_index[common:] >= 0).any()) for p in prompts):
-        raise ValueError("the prompts must differ only after the media (it is prefilled once)")
+        raise ConfigError("the prompts must differ only after the media (it is prefilled once)")
     first = prompts[0]
     return first.input_ids[:common], first.media_index[:common], [x[common:] for x in ids]
 
@@ -161,7 +161,7 @@ def parallel_layout(args: argparse.Namespace, world: int) -> ParallelConfig:
     # Decoding runs one token at a time: nothing to split further over tensor-parallel ranks.
     parallel = ParallelConfig(tp=tp, ulysses=args.ulysses, ring=args.ring, sequence_parallel=False)
     if parallel.data_parallel_size(world) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"tp x ulysses x ring = {tp} x {args.ulysses} x {args.ring} must equal the {world} "
             "ranks; change --tp / --ulysses / --ring or --nproc-per-node"
         )
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel = parallel_layout(args, dist.get_world_size())
         init_model_parallel(parallel)
         generate(args, parallel)
-    except (CheckpointError, MediaError, ValueError) as err:
+    except UserError as err:  # CheckpointError and MediaError are ones
         if dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from longvila_mcore.data.chat import (
     render_prompt,
 )
 from longvila_mcore.data.layout import MediaLayout, shift_labels
+from longvila_mcore.data.packing import load_frames
 from longvila_mcore.data.samples import SampleBuilder
 from longvila_mcore.data.synthetic import encode_image
 from longvila_mcore.data.tokenizer import (
@@ -164,7 +165,9 @@ def test_conversation_sample_layout_and_labels(tokenizer):
     sample = builder.build(
         "conversation", "k", {"json": json.dumps({"conversations": turns}).encode(), "png": image}
     )
-    assert sample.frames.shape == (1, 3, 28, 28)
+    # The image is probed when the sample is built and prepared when a rank loads its frames.
+    assert sample.num_frames == 1
+    assert load_frames(sample.frames, 0, 1).shape == (1, 3, 28, 28)
     media = (sample.media_index >= 0).nonzero().flatten()
     assert sample.media_index[media].tolist() == [0, 1, 2, 3]
     assert (sample.input_ids[media] == layout.image_id).all()

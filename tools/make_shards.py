@@ -22,6 +22,7 @@ from longvila_mcore.data.shards import (
     convert_llava,
     convert_tokens,
 )
+from longvila_mcore.errors import ConfigError, UserError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             vocab_size, media_ids = _tokenizer_ids(args.tokenizer)
             summary = convert_tokens(args.json, args.out, vocab_size, media_ids=media_ids, **common)
-    except ValueError as err:
+    except UserError as err:
         parser.error(str(err))
     _report(summary)
 
@@ -61,12 +62,12 @@ def _tokenizer_ids(path: str) -> tuple[int, list[int]]:
     from longvila_mcore.data.tokenizer import MEDIA_TOKENS
 
     if not Path(path).is_dir():  # a name would be looked up on the Hub
-        raise ValueError(f"--tokenizer {path} is not a directory; give the HF tokenizer's folder")
+        raise ConfigError(f"--tokenizer {path} is not a directory; give the HF tokenizer's folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0]
-        raise ValueError(f"--tokenizer {path} is not an HF tokenizer directory: {first}") from err
+        raise ConfigError(f"--tokenizer {path} is not an HF tokenizer directory: {first}") from err
     vocab = tokenizer.get_vocab()
     return len(tokenizer), [vocab[t] for t in MEDIA_TOKENS if t in vocab]
 

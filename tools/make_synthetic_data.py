@@ -19,6 +19,7 @@ from longvila_mcore.data.synthetic import (
     generate_synthetic,
     synthetic_root,
 )
+from longvila_mcore.errors import UserError
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
             text_length=args.text_length,
             seed=args.seed,
         )
-    except ValueError as err:
+    except UserError as err:
         parser.error(str(err))
     print(f"generated in {time.perf_counter() - start:.1f} s")
     _report(paths)

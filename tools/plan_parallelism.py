@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 
+from longvila_mcore.errors import ConfigError, UserError
 from longvila_mcore.parallel.plan import GPUS, MFU, USABLE, Workload, load_model, plan
 
 
@@ -48,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.model)
         if args.global_batch_size < 1:
-            raise ValueError(f"--global-batch-size {args.global_batch_size}: must be >= 1")
+            raise ConfigError(f"--global-batch-size {args.global_batch_size}: must be >= 1")
         if args.frames is not None:
             work = Workload.video(model, args.frames, args.global_batch_size)
         else:
             work = Workload.text(args.tokens, args.global_batch_size)
         plans = plan(model, work, args.nodes, args.gpus_per_node, args.gpu, args.mfu)
-    except ValueError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     gpu = GPUS[args.gpu]

@@ -21,6 +21,7 @@ from longvila_mcore.data.tokenizer import (
     VIDEO_TOKEN,
     encode_text,
 )
+from longvila_mcore.errors import ConfigError, DataError
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 PLACEHOLDERS = ("<image>", "<video>")
@@ -28,7 +29,7 @@ PLACEHOLDERS = ("<image>", "<video>")
 MEDIA_TOKENS = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}
 
 
-class ConversationError(ValueError):
+class ConversationError(DataError):
     """A conversation that cannot be trained on (no assistant turn, placeholders not matching)."""
 
 
@@ -37,7 +38,7 @@ def media_prefix(media: Sequence[str]) -> str:
     order, nothing between them (VILA's `extract_media`)."""
     unknown = [m for m in media if m not in MEDIA_TOKENS]
     if unknown:
-        raise ValueError(f"media kinds {unknown} are not 'image' or 'video'")
+        raise DataError(f"media kinds {unknown} are not 'image' or 'video'")
     return "".join(MEDIA_TOKENS[m] for m in media)
 
 
@@ -108,7 +109,7 @@ def render_chat(
         prefix = _apply_template(tokenizer, messages[:k], add_generation_prompt=True)
         target = message["content"] + IM_END
         if not text.startswith(prefix) or not text.startswith(target, len(prefix)):
-            raise ValueError(
+            raise ConfigError(
                 "the tokenizer's chat template does not render an assistant reply as "
                 f"<generation prompt><reply>{IM_END}; use a ChatML template (data/tokenizer.py)"
             )

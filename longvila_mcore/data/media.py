@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from longvila_mcore.config import VisionConfig
+from longvila_mcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ VIDEO_RESIZES = ("rgb", "yuv")
 """How video frames reach the tower's size: `rgb` (VILA's way, the default) or `yuv` (faster)."""
 
 
-class MediaError(ValueError):
+class MediaError(DataError):
     """A video or image that cannot be decoded: missing, truncated or not a media file."""
 
 
@@ -81,7 +82,7 @@ def normalize(rgb: np.ndarray, vision: VisionConfig) -> torch.Tensor:
 def check_video_resize(resize: str) -> None:
     """Raise ValueError unless `resize` is one of VIDEO_RESIZES."""
     if resize not in VIDEO_RESIZES:
-        raise ValueError(
+        raise ConfigError(
             f"video_resize={resize!r} (data.video_resize, generate --video-resize) must be 'rgb' "
             "(VILA's preprocessing) or 'yuv' (faster: resized before the conversion to RGB)"
         )
@@ -202,9 +203,9 @@ def probe_video(
     source when it cannot be opened, has no frames or is truncated.
     """
     if num_frames < 1:
-        raise ValueError(f"num_frames={num_frames} must be >= 1")
+        raise ConfigError(f"num_frames={num_frames} must be >= 1")
     if fps is not None and fps <= 0:
-        raise ValueError(f"fps={fps} must be > 0 (or None for uniform sampling)")
+        raise ConfigError(f"fps={fps} must be > 0 (or None for uniform sampling)")
     check_video_resize(resize)
     name = _describe(source)
     try:

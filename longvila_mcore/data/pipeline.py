@@ -193,16 +193,19 @@ class Pipeline:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` (saved by the same rank of the same layout and seed)."""
-        for name in ("seed", "dp_size", "dp_rank", "kind"):
-            if state[name] != getattr(self, name):
-                raise DataError(
-                    f"the data position was saved with {name}={state[name]!r} but this run has "
-                    f"{getattr(self, name)!r}; resume with the same seed, stage and data-parallel "
-                    "layout, or start the data stream afresh"
-                )
+        self._check_saved_with(state, ("seed", "dp_size", "dp_rank", "kind"))
         self.close()
         self._position = StreamPosition(state["epoch"], state["index"], state["consumed"])
         self.skipped = dict.fromkeys(SKIP_REASONS, 0) | state["skipped"]
+
+    def _check_saved_with(self, state: dict, names: tuple[str, ...]) -> None:
+        for name in names:
+            if state[name] != getattr(self, name):
+                raise DataError(
+                    f"the data position was saved with {name}={state[name]!r} but this run has "
+                    f"{getattr(self, name)!r}; resume with the same {', '.join(names)}, or start "
+                    "the data stream afresh"
+                )
 
     def resharded_state(self, saved: list[dict]) -> dict:
         """This rank's state from the states every data-parallel rank of another layout saved
@@ -211,13 +214,7 @@ class Pipeline:
         alike except where they skipped samples (too long, corrupt): samples a rank that
         skipped fewer had not reached yet are left out. The skip counters go to rank 0."""
         for state in saved:
-            for name in ("seed", "kind"):
-                if state[name] != getattr(self, name):
-                    raise ValueError(
-                        f"the data position was saved with {name}={state[name]!r} but this run "
-                        f"has {getattr(self, name)!r}; resume with the same seed and stage, or "
-                        "start the data stream afresh"
-                    )
+            self._check_saved_with(state, ("seed", "kind"))
         furthest = max(saved, key=lambda state: state["consumed"])
         skipped = dict.fromkeys(SKIP_REASONS, 0)
         if self.dp_rank == 0:

@@ -35,13 +35,14 @@ from longvila_mcore.data.media import (
     probe_video,
 )
 from longvila_mcore.data.tokenizer import IM_END, encode_text, token_id
+from longvila_mcore.errors import ConfigError, DataError
 
 KINDS = ("caption", "interleaved", "conversation", "text")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTENSIONS = ("mp4", "mkv", "webm", "avi", "mov")
 
 
-class BadSample(ValueError):
+class BadSample(DataError):
     """A sample that cannot be trained on; `reason` names the skip counter it goes to."""
 
     def __init__(self, reason: str, message: str):
@@ -87,9 +88,9 @@ class SampleBuilder:
         video_resize: str = "rgb",
     ):
         if num_frames < 1:
-            raise ValueError(f"num_frames={num_frames} must be >= 1")
+            raise ConfigError(f"num_frames={num_frames} must be >= 1")
         if fps is not None and fps <= 0:
-            raise ValueError(f"fps={fps} must be > 0, or None to sample frames uniformly")
+            raise ConfigError(f"fps={fps} must be > 0, or None to sample frames uniformly")
         check_video_resize(video_resize)
         self.tokenizer = tokenizer
         self.layout = layout
@@ -111,7 +112,7 @@ class SampleBuilder:
         elif kind == "text":
             ids, targets, frames = self._text(files)
         else:
-            raise ValueError(f"unknown sample kind {kind!r}; use one of {KINDS}")
+            raise ConfigError(f"unknown sample kind {kind!r}; use one of {KINDS}")
         try:
             expanded = self.layout.expand(ids, [len(f) for f in frames], targets)
         except ValueError as err:  # media token strings inside the text itself

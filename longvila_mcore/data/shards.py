@@ -36,6 +36,7 @@ from tqdm import tqdm
 from longvila_mcore.data.chat import ConversationError, conversation_messages
 from longvila_mcore.data.media import MediaError, check_image, check_video
 from longvila_mcore.data.samples import media_kind
+from longvila_mcore.errors import ConfigError, DataError
 
 REJECTED = "rejected.jsonl"
 LLAVA_KINDS = ("conversation", "caption")
@@ -103,10 +104,10 @@ def convert_llava(
     `0.jpg`, `1.mp4`, ...; caption samples (stage 1) take the one image and the one gpt reply.
     """
     if kind not in LLAVA_KINDS:
-        raise ValueError(f"kind={kind!r} must be one of {LLAVA_KINDS} for LLaVA-style data")
+        raise ConfigError(f"kind={kind!r} must be one of {LLAVA_KINDS} for LLaVA-style data")
     media_dir = Path(media_dir)
     if not media_dir.is_dir():
-        raise ValueError(f"--media-dir {media_dir} is not a directory")
+        raise DataError(f"--media-dir {media_dir} is not a directory")
     entries = _load_llava(Path(json_file))
     settings = {"format": "llava", "kind": kind, "media_dir": str(media_dir.resolve())}
     return write_shards(
@@ -134,10 +135,10 @@ def convert_tokens(
     size. A line with an id outside [0, vocab_size) (the tokenizer's size) or one of `media_ids`
     (VILA's media tokens, which text cannot hold) is rejected."""
     if vocab_size < 1:
-        raise ValueError(f"vocab_size={vocab_size} must be >= 1")
+        raise ConfigError(f"vocab_size={vocab_size} must be >= 1")
     path = Path(jsonl_file)
     if not path.is_file():
-        raise ValueError(f"--json {path} is not a file")
+        raise DataError(f"--json {path} is not a file")
     with path.open("rb") as counted:
         total = _count_lines(counted)
     with path.open("rb") as lines:
@@ -173,12 +174,12 @@ def write_shards(
     """Convert `total` entries with `convert((index, entry)) -> webdataset record | Rejection`
     into shards of `samples_per_shard` entries each, resuming after complete shards."""
     if samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard {samples_per_shard} must be >= 1")
+        raise ConfigError(f"--samples-per-shard {samples_per_shard} must be >= 1")
     if workers < 1:
-        raise ValueError(f"--workers {workers} must be >= 1")
+        raise ConfigError(f"--workers {workers} must be >= 1")
     shards = [Path(p) for p in shard_paths(out_pattern, math.ceil(total / samples_per_shard))]
     if not shards:
-        raise ValueError("the input holds no entries")
+        raise DataError("the input holds no entries")
     shards[0].parent.mkdir(parents=True, exist_ok=True)
     summary = Summary(out_pattern, [str(s) for s in shards])
     numbered = enumerate(entries)
@@ -211,7 +212,7 @@ def shard_paths(out_pattern: str, count: int) -> list[str]:
     except (TypeError, ValueError):
         names = []
     if len(_FIELD.findall(out_pattern)) != 1 or not names or not names[0].endswith(".tar"):
-        raise ValueError(
+        raise DataError(
             f"--out {out_pattern!r} must name .tar shards with one integer field, "
             "e.g. /data/sft/sft-%06d.tar"
         )
@@ -245,7 +246,7 @@ def _marker(shard: Path, fingerprint: str) -> dict | None:
         return None
     done = json.loads(path.read_text())
     if done["fingerprint"] != fingerprint:
-        raise ValueError(
+        raise DataError(
             f"{shard} was made by a conversion of other input or settings; remove the shards "
             f"(and their .done markers) in {shard.parent} or choose another --out"
         )
@@ -288,7 +289,7 @@ def _count_lines(file) -> int:
 
 def _load_llava(path: Path) -> list:
     if not path.is_file():
-        raise ValueError(f"--json {path} is not a file")
+        raise DataError(f"--json {path} is not a file")
     text = path.read_text()
     try:
         if path.suffix == ".jsonl":
@@ -296,9 +297,9 @@ def _load_llava(path: Path) -> list:
         else:
             entries = json.loads(text)
     except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); LLaVA data is a JSON list") from err
+        raise DataError(f"{path} is not valid JSON ({err}); LLaVA data is a JSON list") from err
     if not isinstance(entries, list):
-        raise ValueError(f"{path} holds a JSON {type(entries).__name__}, not a list of samples")
+        raise DataError(f"{path} holds a JSON {type(entries).__name__}, not a list of samples")
     return entries
 
 

@@ -46,6 +46,7 @@ from transformers import AutoTokenizer
 
 from longvila_mcore.data.samples import KINDS
 from longvila_mcore.data.tokenizer import PAD_TOKEN, train_tokenizer
+from longvila_mcore.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def generate_synthetic(
     """
     out_dir = Path(out_dir)
     if num_frames < 3 or samples < shards or shards < 1 or text_length < 2:
-        raise ValueError(
+        raise ConfigError(
             f"num_frames={num_frames} (>= 3), samples={samples} (>= shards), shards={shards} "
             f"(>= 1) and text_length={text_length} (>= 2) are out of range"
         )
@@ -253,7 +254,7 @@ at chance while colours were right)."""
 def needle_picture(colour: str, shape: str) -> np.ndarray:
     """uint8 `[56, 56, 3]`: a `colour` `shape` (`NEEDLE_SIZES`) centred on black."""
     if colour not in COLOURS or shape not in SHAPES:
-        raise ValueError(
+        raise ConfigError(
             f"needle {colour} {shape}: colour one of {list(COLOURS)}, shape of {SHAPES}"
         )
     image = np.full((SIZE, SIZE, 3), BACKGROUNDS["black"], np.uint8)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from longvila_mcore.errors import DataError
+from longvila_mcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     specials = QWEN2_SPECIAL_TOKENS + MEDIA_TOKENS
     base = len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < base + len(specials):
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE needs the {base} byte tokens "
             f"plus {len(specials)} special tokens; use at least {base + len(specials)}"
         )

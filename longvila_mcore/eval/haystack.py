@@ -30,6 +30,7 @@ from longvila_mcore.data.synthetic import (
     haystack,
     needle_picture,
 )
+from longvila_mcore.errors import DataError
 
 SYNTHETIC = "synthetic"
 NEEDLES_FILE = "needles.json"
@@ -57,13 +58,13 @@ def load_haystack(
         frames = synthetic_haystack(num_frames, seed)
         return normalize(np.stack([_to_tower(f, vision) for f in frames]), vision)
     if not Path(source).is_file():
-        raise ValueError(f"--haystack {source!r} is not a file; give a video or 'synthetic'")
+        raise DataError(f"--haystack {source!r} is not a file; give a video or 'synthetic'")
     try:
         frames = load_video(source, num_frames, vision, fps=fps, resize=resize, keep_start=True)
     except MediaError as err:
-        raise ValueError(str(err)) from err
+        raise DataError(str(err)) from err
     if frames.shape[0] < num_frames:
-        raise ValueError(
+        raise DataError(
             f"--haystack {source} gives {frames.shape[0]} frames at --fps {fps}, fewer than the "
             f"longest of --lengths ({num_frames}); use a longer video, a higher --fps or shorter "
             "--lengths"
@@ -91,29 +92,29 @@ def folder_needles(folder: str | Path, vision: VisionConfig) -> list[Needle]:
     folder = Path(folder)
     index = folder / NEEDLES_FILE
     if not index.is_file():
-        raise ValueError(
+        raise DataError(
             f"--needles {folder} has no {NEEDLES_FILE}; write a list of "
             '{"image": FILE, "question": TEXT, "answer": TEXT} there (docs/needle_eval.md)'
         )
     try:
         entries = json.loads(index.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{index} is not valid JSON: {err}") from err
+        raise DataError(f"{index} is not valid JSON: {err}") from err
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{index} must hold a non-empty list of needles")
+        raise DataError(f"{index} must hold a non-empty list of needles")
     needles = []
     for n, entry in enumerate(entries):
         keys = ("image", "question", "answer")
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in keys):
-            raise ValueError(
+            raise DataError(
                 f"{index} entry {n} is {entry!r}; each needle needs string keys {list(keys)}"
             )
         if not entry["answer"].strip():
-            raise ValueError(f"{index} entry {n} has an empty answer")
+            raise DataError(f"{index} entry {n} has an empty answer")
         try:
             image = load_image(folder / entry["image"], vision)
         except MediaError as err:
-            raise ValueError(f"{index} entry {n}: {err}") from err
+            raise DataError(f"{index} entry {n}: {err}") from err
         needles.append(Needle(Path(entry["image"]).stem, image, entry["question"], entry["answer"]))
     return needles
 

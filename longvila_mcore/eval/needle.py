@@ -23,11 +23,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from longvila_mcore.checkpoint.load import load_for_inference
-from longvila_mcore.checkpoint.tensors import CheckpointError
 from longvila_mcore.config import TOKEN_ORDERS, ParallelConfig
 from longvila_mcore.data.layout import MediaLayout
 from longvila_mcore.data.media import VIDEO_RESIZES
 from longvila_mcore.data.tokenizer import encode_text
+from longvila_mcore.errors import ConfigError, UserError
 from longvila_mcore.eval import results as out_files
 from longvila_mcore.eval.haystack import (
     SYNTHETIC,
@@ -100,11 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """The errors a user can make in the options, as one message each."""
     if min(args.lengths) < 1:
-        raise ValueError(f"--lengths {args.lengths}: every length must be >= 1 frame")
+        raise ConfigError(f"--lengths {args.lengths}: every length must be >= 1 frame")
     if not all(0 <= d <= 100 for d in args.depths):
-        raise ValueError(f"--depths {args.depths}: depths are percentages from 0 to 100")
+        raise ConfigError(f"--depths {args.depths}: depths are percentages from 0 to 100")
     if args.fps <= 0:
-        raise ValueError(f"--fps {args.fps} must be > 0")
+        raise ConfigError(f"--fps {args.fps} must be > 0")
 
 
 def evaluation_config(args: argparse.Namespace) -> dict:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_args(args)
-    except ValueError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = default_device()
@@ -207,14 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         sp = args.ulysses * args.ring
         world = dist.get_world_size()
         if args.ulysses < 1 or args.ring < 1 or world % sp:
-            raise ValueError(
+            raise ConfigError(
                 f"--ulysses {args.ulysses} x --ring {args.ring} must be >= 1 and divide the "
                 f"{world} ranks (torchrun --nproc-per-node); the rest is tensor parallel"
             )
         parallel = ParallelConfig(tp=world // sp, ulysses=args.ulysses, ring=args.ring)
         init_model_parallel(parallel)
         results = evaluate(args, parallel)
-    except (CheckpointError, ValueError) as err:
+    except UserError as err:  # CheckpointError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

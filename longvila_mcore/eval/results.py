@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from longvila_mcore.errors import ConfigError
+
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "heatmap.png"
 GRID_KEYS = ("lengths", "depths")
@@ -33,7 +35,7 @@ def load_previous(out: Path, config: dict[str, Any]) -> tuple[list[dict], float]
     new = {k: v for k, v in config.items() if k not in GRID_KEYS}
     if old != new:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise ValueError(
+        raise ConfigError(
             f"{path} holds an evaluation with other settings ({', '.join(changed)}); use another "
             "--out, or delete it to start again"
         )

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from longvila_mcore.errors import ConfigError
+
 
 class Sampler:
     """Greedy with `temperature` 0; else a draw from the softmax of logits / temperature,
@@ -20,9 +22,9 @@ class Sampler:
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         if temperature < 0:
-            raise ValueError(f"--temperature {temperature} must be >= 0 (0: greedy)")
+            raise ConfigError(f"--temperature {temperature} must be >= 0 (0: greedy)")
         if not 0 < top_p <= 1:
-            raise ValueError(f"--top-p {top_p} must be in (0, 1] (1: no truncation)")
+            raise ConfigError(f"--top-p {top_p} must be in (0, 1] (1: no truncation)")
         self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -51,7 +53,7 @@ class TextStream:
         write: Callable[[str], None] | None = None,
     ):
         if any(not stop for stop in stops):
-            raise ValueError("--stop '' would stop before the first token; give non-empty text")
+            raise ConfigError("--stop '' would stop before the first token; give non-empty text")
         self.tokenizer, self.stops, self.write = tokenizer, list(stops), write
         self.hold = max((len(stop) for stop in self.stops), default=1) - 1
         self.text, self.written = "", 0

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from longvila_mcore.data.batch import IGNORE_INDEX, Batch
+from longvila_mcore.errors import ConfigError
 from longvila_mcore.inference.sampling import Sampler, TextStream
 from longvila_mcore.models.longvila import LongVILAModel
 from longvila_mcore.parallel.kv_cache import ShardedKVCache
@@ -50,7 +51,7 @@ class Session:
         frame_offset: int = 0,
     ):
         if model.llm.config.sequence_parallel:
-            raise ValueError(
+            raise ConfigError(
                 "generation feeds one token at a time, which Megatron's sequence parallelism "
                 "cannot split over the tensor-parallel ranks: build the model with "
                 "ParallelConfig(sequence_parallel=False)"

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longvila_mcore.config import ModelConfig, ParallelConfig, model_preset
+from longvila_mcore.errors import ConfigError
 
 GIB = 1024**3
 RECOMPUTE = ("none", "selective", "full")
@@ -126,7 +127,7 @@ class Workload:
     def video(cls, model: ModelConfig, frames: int, global_batch_size: int = 32) -> Workload:
         """Stage 5: each frame is its projector tokens plus a newline token (REFERENCE 1)."""
         if frames < 1:
-            raise ValueError(f"--frames {frames}: give at least one frame")
+            raise ConfigError(f"--frames {frames}: give at least one frame")
         tokens = frames * (model.tokens_per_frame + 1) + TEXT_TOKENS
         return cls(frames, tokens, TARGET_TOKENS, global_batch_size=global_batch_size)
 
@@ -134,7 +135,7 @@ class Workload:
     def text(cls, tokens: int, global_batch_size: int = 32) -> Workload:
         """Stage 4: text only, every token a target, only the LLM learns."""
         if tokens < 2:
-            raise ValueError(f"--tokens {tokens}: give a sequence of at least 2 tokens")
+            raise ConfigError(f"--tokens {tokens}: give a sequence of at least 2 tokens")
         return cls(0, tokens, tokens, ("llm",), global_batch_size)
 
     def padded_tokens(self, layout: Layout) -> int:
@@ -560,7 +561,7 @@ def load_model(name_or_path: str) -> ModelConfig:
     if path.suffix not in (".yaml", ".yml"):
         return model_preset(name_or_path)
     if not path.is_file():
-        raise ValueError(f"--model {name_or_path}: no such file")
+        raise ConfigError(f"--model {name_or_path}: no such file")
     from omegaconf import OmegaConf
 
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
@@ -577,16 +578,16 @@ def plan(
 ) -> list[Plan]:
     """The layouts that fit the GPU's memory, fastest step first (less memory breaks ties)."""
     if nodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be >= 1")
+        raise ConfigError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be >= 1")
     if gpu not in GPUS:
-        raise ValueError(f"--gpu {gpu}: unknown GPU; choose one of {', '.join(GPUS)}")
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; choose one of {', '.join(GPUS)}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu {mfu}: must be in (0, 1]")
+        raise ConfigError(f"--mfu {mfu}: must be in (0, 1]")
     device = GPUS[gpu]
     world = nodes * gpus_per_node
     candidates = layouts(model, world, gpus_per_node)
     if not candidates:
-        raise ValueError(
+        raise ConfigError(
             f"no layout of {model.name} fits {world} GPUs: tp and ulysses must divide the heads "
             f"and the {gpus_per_node} GPUs of a node, pp the {model.llm.num_layers} layers"
         )
@@ -602,7 +603,7 @@ def plan(
             )
     if not plans:
         layout, mem = smallest
-        raise ValueError(
+        raise ConfigError(
             f"no layout fits {device.memory_gib:g} GiB: the smallest, {_describe(layout)}, needs "
             f"{mem.gib:.1f} GiB per rank; add nodes, use a GPU with more memory, or shorten the sample"
         )

@@ -30,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from longvila_mcore.config import StageConfig, TrainConfig
 from longvila_mcore.data.batch import Batch
+from longvila_mcore.errors import ConfigError
 from longvila_mcore.models.longvila import LongVILAModel
 
 
@@ -87,7 +88,7 @@ def build_optimizer(
     default parameter groups).
     """
     if not any(p.requires_grad for p in ddp.parameters()):
-        raise ValueError("no trainable parameters: check stage.trainable")
+        raise ConfigError("no trainable parameters: check stage.trainable")
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
