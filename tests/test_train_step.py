@@ -191,7 +191,7 @@ def test_combined_layouts_match_one_process_loss_and_grad_norm(single_rank):
 # --- non-finite steps -------------------------------------------------------------------------
 
 
-def _fresh_run(config, model_cfg, batches_per_step):
+def _fresh_run(config, model_cfg, overlap: bool = True):
     """Model, DDP, optimizer and scheduler from seed 0 (the same weights every call)."""
     from longvila_mcore.config import ParallelConfig, TrainConfig
     from longvila_mcore.models.longvila import LongVILAModel
@@ -201,6 +201,7 @@ def _fresh_run(config, model_cfg, batches_per_step):
     model = LongVILAModel(model_cfg, ParallelConfig(), torch.device("cpu"))
     model.set_trainable(True, True, True)
     train = TrainConfig(global_batch_size=4, micro_batch_size=2, clip_grad=1.0)
+    train.overlap_communication = overlap
     ddp = wrap_model(model, train)
     optimizer, scheduler = build_optimizer(ddp, config.stage, train, torch.float32)
     return ddp, optimizer, scheduler
@@ -249,7 +250,7 @@ def test_a_non_finite_step_updates_nothing_and_the_run_continues_as_without_it(s
     steps = [next(pipeline) for _ in range(3)]
     pipeline.close()
 
-    ddp, optimizer, scheduler = _fresh_run(config, model_cfg, steps)
+    ddp, optimizer, scheduler = _fresh_run(config, model_cfg)
     first = train_step(ddp, optimizer, scheduler, steps[0])
     before = _snapshot(ddp, optimizer)
     loss = ddp.module.loss
@@ -260,7 +261,7 @@ def test_a_non_finite_step_updates_nothing_and_the_run_continues_as_without_it(s
     assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(ddp, optimizer)))
     third = train_step(ddp, optimizer, scheduler, steps[2])
 
-    ddp2, optimizer2, scheduler2 = _fresh_run(config, model_cfg, steps)
+    ddp2, optimizer2, scheduler2 = _fresh_run(config, model_cfg)
     train_step(ddp2, optimizer2, scheduler2, steps[0])
     scheduler2.step(increment=1)  # step 2's slot of the schedule
     expected = train_step(ddp2, optimizer2, scheduler2, steps[2])
@@ -318,3 +319,57 @@ def test_model_flops_match_torch_flop_counter(single_rank):
         + 2 * linear["llm"]
         + 3 * ours["llm"][1]
     )
+
+
+# --- steps with and without media -------------------------------------------------------------
+
+
+def test_text_only_step_after_a_media_step_with_overlapped_grad_reduce(single_rank):
+    """Megatron's overlapped gradient reduction learns on the first step which parameters get a
+    gradient and waits for exactly those afterwards: a text-only step (SFT data mixes them in)
+    must still give the tower and projector their (zero) gradients. Steps 1 (video) and 2 (text)
+    equal the run without overlap: loss, gradient norm and weights."""
+    from megatron.core import parallel_state
+
+    from longvila_mcore.config import Config
+    from longvila_mcore.data.pipeline import build_pipeline
+    from longvila_mcore.train import _starting_point
+    from longvila_mcore.training.step import train_step
+
+    config = Config()
+    config.stage.name = "test"
+    config.stage.lr = 1e-3
+    model_cfg, tokenizer, _ = _starting_point(config, None)
+    steps = []
+    for kind in ("conversation", "text"):
+        pipeline = build_pipeline(
+            config.data,
+            kind,
+            tokenizer,
+            model_cfg,
+            num_frames=4,
+            fps=None,
+            max_length=4096,
+            global_batch_size=2,
+            micro_batch_size=2,
+            pad_multiple=2,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=1,
+            seed=1,
+        )
+        steps.append(next(pipeline))
+        pipeline.close()
+    assert steps[0][0].num_frames > 0 and steps[1][0].num_frames == 0
+
+    runs = []
+    for overlap in (True, False):
+        ddp, optimizer, scheduler = _fresh_run(config, model_cfg, overlap)
+        results = [train_step(ddp, optimizer, scheduler, batches) for batches in steps]
+        runs.append((results, [p.detach().clone() for p in ddp.parameters()]))
+    (overlapped, weights), (plain, expected) = runs
+    for got, want in zip(overlapped, plain):
+        assert not got.skipped
+        assert (got.loss_sum, got.grad_norm) == pytest.approx(
+            (want.loss_sum, want.grad_norm), rel=1e-6
+        )
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(weights, expected))

@@ -127,7 +127,7 @@ class LongVILAModel(MegatronModule):
         block with zeros): the needle evaluation encodes a haystack once for every depth."""
         if not self.pre_process:
             return None
-        return self.sharder.embed(
+        embeddings = self.sharder.embed(
             batch.input_ids,
             batch.media_index,
             batch.frames,
@@ -137,7 +137,19 @@ class LongVILAModel(MegatronModule):
             batch.cu_seqlens,
             batch.num_frames,
             batch.frame_offset,
-        ).unsqueeze(1)
+        )
+        if batch.num_frames == 0 and torch.is_grad_enabled() and self._encoder_trains():
+            # Megatron's overlapped gradient reduction waits, from the second step on, for the
+            # gradients of every parameter that had one on the first: a text-only micro-batch
+            # gives the tower and projector theirs too (zeros, from one blank frame).
+            size = self.cfg.vision.image_size
+            blank = embeddings.new_zeros(1, 3, size, size)
+            embeddings = embeddings + 0.0 * self.encode_frames(blank).sum()
+        return embeddings.unsqueeze(1)
+
+    def _encoder_trains(self) -> bool:
+        encoder = (self.vision_tower, self.mm_projector)
+        return any(p.requires_grad for module in encoder for p in module.parameters())
 
     def hidden_states(
         self, batch: Batch, encode: Callable[[torch.Tensor], torch.Tensor] | None = None
