@@ -160,8 +160,25 @@ def _saved_bytes(params: set[int], module, **kwargs) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(**kwargs)
+        out = module(**kwargs)
+    # Tensors a Function holds on its ctx instead of saving them (the 2D attention under
+    # Ulysses, which frees them early in its backward) are kept for the backward all the same.
+    nodes, seen_nodes = [o.grad_fn for o in _tensors(out) if o.grad_fn is not None], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        for t in getattr(node, "held", None) or []:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        nodes += [next_node for next_node, _ in node.next_functions]
     return sum(seen.values())
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _tensors(item)] if isinstance(out, tuple | list) else []
 
 
 def _model_checks(cases):
