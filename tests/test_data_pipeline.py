@@ -179,6 +179,28 @@ def test_all_unusable_stops_with_a_clear_error(dataset, monkeypatch):
         next(make(dataset, "text", max_length=32))
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unusable_data_stops_when_its_step_is_due(dataset, monkeypatch, num_workers):
+    """With workers the next step is laid out early: its data error is raised only when that
+    step is asked for, after the current one was returned."""
+    pipeline = make(dataset, "text", max_length=512, num_workers=num_workers)
+    calls = 0
+    real = pipeline._next_samples
+
+    def second_fails():
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise DataError("30 samples in a row were unusable")
+        return real()
+
+    monkeypatch.setattr(pipeline, "_next_samples", second_fails)
+    assert sum(len(b.cu_seqlens) - 1 for b in next(pipeline)) == 4
+    with pytest.raises(DataError, match="in a row"):
+        next(pipeline)
+    pipeline.close()
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

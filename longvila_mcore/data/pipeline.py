@@ -11,7 +11,8 @@ Semantics (one deterministic stream for any layout):
   rank. Skips only shift the rank's own sub-stream; no communication is needed.
   MAX_SKIPS_IN_A_ROW unusable samples in a row stop the run (the data or max_length is wrong).
 - The step's samples are padded to a multiple of `pad_multiple` and packed greedily, in stream
-  order, into micro-batches, each padded to a multiple of `pack_multiple` (packing.py). Ranks may get different numbers of micro-batches.
+  order, into micro-batches, each padded to a multiple of `pack_multiple` (packing.py). Ranks
+  may get different numbers of micro-batches.
 - Every rank of a sequence-parallel group (and each of its tensor-parallel ranks) reads the same
   samples and lays out the same micro-batches, but decodes and holds only the frames it encodes
   (`sp_rank` of `sp_size`; Batch contract): a video's container gives the frame count, so the
@@ -138,7 +139,7 @@ class Pipeline:
         """The next step's samples laid out; their frames prepared now, or by a worker."""
         try:
             samples, position, skipped = self._next_samples()
-        except RuntimeError as err:  # too many unusable samples: raised when the step is due
+        except DataError as err:  # too many unusable samples: raised when the step is due
             return err
         if self._executor is None:
             return self._collate(samples), position, skipped
