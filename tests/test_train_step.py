@@ -207,6 +207,30 @@ def _fresh_run(config, model_cfg, overlap: bool = True):
     return ddp, optimizer, scheduler
 
 
+def _one_rank_steps(config, tokenizer, model_cfg, kind: str, count: int, global_batch_size: int):
+    """The first `count` steps of a one-rank pipeline of `kind` samples (2 per micro-batch)."""
+    from longvila_mcore.data.pipeline import build_pipeline
+
+    pipeline = build_pipeline(
+        config.data,
+        kind,
+        tokenizer,
+        model_cfg,
+        num_frames=4,
+        fps=None,
+        max_length=4096,
+        global_batch_size=global_batch_size,
+        micro_batch_size=2,
+        pad_multiple=2,
+        dp_rank=0,
+        dp_size=1,
+        seed=1,
+    )
+    steps = [next(pipeline) for _ in range(count)]
+    pipeline.close()
+    return steps
+
+
 def _snapshot(ddp, optimizer) -> list[torch.Tensor]:
     """Every parameter and every Adam moment, copied."""
     tensors = [p.detach().clone() for p in ddp.parameters()]
@@ -220,10 +244,8 @@ def test_a_non_finite_step_updates_nothing_and_the_run_continues_as_without_it(s
     """Steps 1, 2, 3 with step 2's loss made NaN: step 2 is skipped (weights and Adam state
     bitwise unchanged), and step 3's loss, gradient norm and resulting weights equal those of a
     run that never saw step 2's batch (its learning-rate slot passed all the same)."""
-    from megatron.core import parallel_state
 
     from longvila_mcore.config import Config
-    from longvila_mcore.data.pipeline import build_pipeline
     from longvila_mcore.train import _starting_point
     from longvila_mcore.training.step import train_step
 
@@ -232,23 +254,7 @@ def test_a_non_finite_step_updates_nothing_and_the_run_continues_as_without_it(s
     config.stage.lr = 1e-3
     config.stage.warmup_steps = 2  # the rate of step 3 differs from step 2's
     model_cfg, tokenizer, _ = _starting_point(config, None)
-    pipeline = build_pipeline(
-        config.data,
-        "conversation",
-        tokenizer,
-        model_cfg,
-        num_frames=4,
-        fps=None,
-        max_length=4096,
-        global_batch_size=4,
-        micro_batch_size=2,
-        pad_multiple=2,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=1,
-        seed=1,
-    )
-    steps = [next(pipeline) for _ in range(3)]
-    pipeline.close()
+    steps = _one_rank_steps(config, tokenizer, model_cfg, "conversation", 3, 4)
 
     ddp, optimizer, scheduler = _fresh_run(config, model_cfg)
     first = train_step(ddp, optimizer, scheduler, steps[0])
@@ -329,10 +335,8 @@ def test_text_only_step_after_a_media_step_with_overlapped_grad_reduce(single_ra
     gradient and waits for exactly those afterwards: a text-only step (SFT data mixes them in)
     must still give the tower and projector their (zero) gradients. Steps 1 (video) and 2 (text)
     equal the run without overlap: loss, gradient norm and weights."""
-    from megatron.core import parallel_state
 
     from longvila_mcore.config import Config
-    from longvila_mcore.data.pipeline import build_pipeline
     from longvila_mcore.train import _starting_point
     from longvila_mcore.training.step import train_step
 
@@ -340,25 +344,10 @@ def test_text_only_step_after_a_media_step_with_overlapped_grad_reduce(single_ra
     config.stage.name = "test"
     config.stage.lr = 1e-3
     model_cfg, tokenizer, _ = _starting_point(config, None)
-    steps = []
-    for kind in ("conversation", "text"):
-        pipeline = build_pipeline(
-            config.data,
-            kind,
-            tokenizer,
-            model_cfg,
-            num_frames=4,
-            fps=None,
-            max_length=4096,
-            global_batch_size=2,
-            micro_batch_size=2,
-            pad_multiple=2,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=1,
-            seed=1,
-        )
-        steps.append(next(pipeline))
-        pipeline.close()
+    steps = [
+        *_one_rank_steps(config, tokenizer, model_cfg, "conversation", 1, 2),
+        *_one_rank_steps(config, tokenizer, model_cfg, "text", 1, 2),
+    ]
     assert steps[0][0].num_frames > 0 and steps[1][0].num_frames == 0
 
     runs = []
