@@ -212,6 +212,11 @@ def train(config: Config, token_order: str | None = None) -> None:
     model.set_trainable("vision_tower" in parts, "mm_projector" in parts, "llm" in parts)
     ddp = wrap_model(model, train_cfg)
     optimizer, scheduler = build_optimizer(ddp, stage, train_cfg, dtype)
+    # 2R per sample, N (x tp with sequence parallelism) per pack: what the 2D attention and
+    # Megatron's split need, not 2N per sample.
+    pad_multiple, pack_multiple = padding_multiples(
+        parallel.ulysses, parallel.ring, parallel.tp_split
+    )
     pipeline = build_pipeline(
         config.data,
         stage.data_kind,
@@ -222,10 +227,8 @@ def train(config: Config, token_order: str | None = None) -> None:
         max_length=stage.max_length,
         global_batch_size=train_cfg.global_batch_size,
         micro_batch_size=train_cfg.micro_batch_size,
-        # 2R per sample, N (x tp with sequence parallelism) per pack: what the 2D attention
-        # and Megatron's split need, not 2N per sample.
-        pad_multiple=padding_multiples(parallel.ulysses, parallel.ring, parallel.tp_split)[0],
-        pack_multiple=padding_multiples(parallel.ulysses, parallel.ring, parallel.tp_split)[1],
+        pad_multiple=pad_multiple,
+        pack_multiple=pack_multiple,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=dp,
         seed=train_cfg.seed,
