@@ -259,3 +259,34 @@ def test_sequence_parallel_torch_norm_marks_its_parameters():
     plain = WrappedTorchNorm(TransformerConfig(**fields, normalization="LayerNorm"), 8)
     assert isinstance(plain, torch.nn.LayerNorm)
     assert not any(getattr(p, "sequence_parallel", False) for p in plain.parameters())
+
+
+# --- the distributed optimizer's reshardable checkpoint state ------------------------------------
+
+
+def test_optimizer_state_gather_needs_gloo_on_cpu(single_rank):
+    """Megatron still moves each shard to CUDA to gather it unless told to use gloo, and the
+    gloo path reads `data_parallel_group_gloo`, which the redirection points at a gloo
+    data-parallel group (and leaves alone for any other backend)."""
+    import torch.distributed as dist
+
+    source = _megatron_source(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+    )
+    assert ".cuda()" in source and "data_parallel_group_gloo" in source
+
+    class Inner:
+        def __init__(self, group):
+            self.data_parallel_group = group
+
+    class Chained:
+        def __init__(self, *inners):
+            self.chained_optimizers = inners
+
+    group = dist.new_group([0], backend="gloo")
+    gloo, none = Inner(group), Inner(None)
+    metadata = megatron_cpu.gather_optimizer_state_with_gloo(Chained(gloo, none))
+    assert metadata == {"distrib_optim_fully_reshardable_mem_efficient": True}
+    assert gloo.data_parallel_group_gloo is group and not hasattr(none, "data_parallel_group_gloo")
+    assert megatron_cpu.gather_optimizer_state_with_gloo(Chained(none)) == {}

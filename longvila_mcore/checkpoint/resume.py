@@ -30,6 +30,7 @@ from longvila_mcore.checkpoint.dist import (
 )
 from longvila_mcore.checkpoint.tensors import CheckpointError
 from longvila_mcore.data.pipeline import Pipeline
+from longvila_mcore.runtime.megatron_cpu import gather_optimizer_state_with_gloo
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +193,15 @@ def _optimizer_state(optimizer: MegatronOptimizer, model, is_loading: bool) -> d
     gathered over the data-parallel ranks into whole per-parameter tensors (Megatron 0.16
     writes no flat slices of a parameter: `fully_sharded_model_space` fails its own check), and
     each rank of the loading run reads the tensors of its parameters and keeps its shard. On
-    GPU the gather is an NCCL all-gather; on CPU, where Megatron's all-gather path moves the
-    shards to CUDA, the gloo gather onto data-parallel rank 0 (Megatron's memory-efficient
-    variant, which reads its gloo group from `data_parallel_group_gloo`: the group itself).
+    GPU the gather is an NCCL all-gather; on CPU, the gloo gather onto data-parallel rank 0
+    (`runtime.megatron_cpu.gather_optimizer_state_with_gloo`).
     """
     if is_loading:
         _allocate_optimizer_state(optimizer)
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
-    for inner in optimizer.chained_optimizers:
-        group = getattr(inner, "data_parallel_group", None)
-        if group is not None and dist.get_backend(group) == "gloo":
-            inner.data_parallel_group_gloo = group
-            metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
+    metadata = {
+        "distrib_optim_sharding_type": "fully_reshardable",
+        **gather_optimizer_state_with_gloo(optimizer),
+    }
     per_layer = dict_list_map_outplace(_per_layer, model.sharded_state_dict())
     return optimizer.sharded_state_dict(per_layer, is_loading=is_loading, metadata=metadata)
 

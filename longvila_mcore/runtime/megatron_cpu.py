@@ -120,6 +120,24 @@ def allow_sequence_parallel_torch_norm() -> None:
     WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm
 
 
+def gather_optimizer_state_with_gloo(optimizer) -> dict:
+    """Metadata for the distributed optimizer's `sharded_state_dict` that gathers its
+    `fully_reshardable` state over gloo data-parallel groups (none on GPU).
+
+    Megatron's default gather (`DistributedOptimizer.get_parameter_state_dp_zero` without
+    `use_gloo_comm`) moves each shard to CUDA; its memory-efficient variant gathers onto
+    data-parallel rank 0 over `data_parallel_group_gloo`, which on a CPU run is the
+    data-parallel group itself.
+    """
+    metadata = {}
+    for inner in optimizer.chained_optimizers:
+        group = getattr(inner, "data_parallel_group", None)
+        if group is not None and torch.distributed.get_backend(group) == "gloo":
+            inner.data_parallel_group_gloo = group
+            metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return metadata
+
+
 def enable_cpu_support() -> None:
     """Install the redirections (idempotent). A no-op when CUDA is available."""
     global _enabled
