@@ -19,11 +19,14 @@ Backward. Every block's gradient uses the final `out` and `lse`. dQ stays local.
 the ring again, and each block's dK/dV accumulate along its path: rank r adds its contribution to
 the sums that arrive from r - 1 (in place, in the buffers they arrived in) and passes them to r + 1,
 so after R - 1 hops the sum reaches the block's owner, which adds its own (causal) part. K/V and
-dK/dV each take R - 1 hops: backward traffic is twice the forward's.
+dK/dV each take R - 1 hops: backward traffic is twice the forward's. The own block comes last,
+in its three zigzag pieces (front -> front causal, back -> front, back -> back causal), added in
+place into the sums that arrived for it: a rank never holds full-size own gradients next to a
+visiting block and its sums. The first K/V transfer is then not overlapped with compute.
 
 K and V travel as one `[2, t, h, d]` message per step, received into a fresh buffer while the
-current block is in use (two blocks alive at a time); dK and dV travel in one batch of two. The tensors are "thd": batch rows are folded
-into further samples by the caller (`fold_batch`).
+current block is in use (two blocks alive at a time); dK and dV travel in one batch of two. The
+tensors are "thd": batch rows are folded into further samples by the caller (`fold_batch`).
 """
 
 from __future__ import annotations
