@@ -139,7 +139,7 @@ def zigzag_order(bounds: tuple[int, ...], ring: int) -> torch.Tensor:
     return torch.cat([torch.arange(a, a + n) for a, n in zigzag_pieces(bounds, ring)])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KVHeadPlan:
     """Which K/V heads travel in the Ulysses all-to-all, for one Ulysses rank.
 
@@ -147,9 +147,9 @@ class KVHeadPlan:
     heads map to them as grouped-query attention does (local query head i uses local K/V head
     i // (hq / lcm)). A rank receives only the distinct K/V heads its query heads use, `width` of
     them (the largest such count over the ranks; a rank that needs fewer gets its last one
-    again), and `local` expands them to the lcm layout after the receive. When U divides hkv,
-    or hkv divides U, nothing is expanded after the receive and `send` is None when U divides
-    hkv (every head goes to exactly one rank, in order)."""
+    again), and `local` expands them to the lcm layout after the receive. `send` is None when U
+    divides hkv (each head goes to one rank, in order); `local` is None when U divides hkv or hkv
+    divides U (what a rank receives is its layout)."""
 
     width: int
     send: torch.Tensor | None  # [U * width] K/V heads, rank after rank, to select before sending
