@@ -180,6 +180,31 @@ def host_syncs() -> dict[str, list[str]]:
     return syncs
 
 
+def peak_memory_units() -> float:
+    """The largest per-rank peak of one 2 x 2 attention layer's forward and backward (one sample
+    of 1024 tokens, 2 heads and 2 K/V heads, head dim 64), in units of one input's bytes (S/N
+    tokens x heads x head dim), counted as `bench/sp_attention.py` counts it (its `PeakMemory`:
+    the inputs, the output and every tensor alive)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from longvila_mcore.parallel import init_sequence_parallel
+
+    path = Path(__file__).parents[1] / "bench" / "sp_attention.py"
+    spec = importlib.util.spec_from_file_location("sp_attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sp = init_sequence_parallel(2, 2)
+    q, k, v, dout = bench._inputs(1024 // sp.size, 2, 2, 64, sp.rank)
+    with bench.PeakMemory(q, k, v, dout) as memory:
+        bench.step("2d", sp, q, k, v, dout)
+    peak = torch.tensor(memory.peak / q.nbytes)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
+
+
 def validation_errors() -> dict[str, str]:
     """The ValueError message of each misuse, raised through the public entry points."""
     from longvila_mcore.parallel import init_sequence_parallel
@@ -269,6 +294,7 @@ def _world4():
         "adjoint": adjoint_gaps(),
         "ring_sources": ring_sources(),
         "syncs": host_syncs(),
+        "memory": peak_memory_units(),
         "validation": validation_errors(),
         "megatron": megatron_errors(),
     }
@@ -316,6 +342,14 @@ def test_no_host_syncs_in_an_attention_layer(world4):
     syncs = world4["syncs"]
     assert len(syncs) == 4
     assert all(calls == [] for calls in syncs.values()), syncs
+
+
+@pytest.mark.slow
+def test_ring_backward_peak_memory(world4):
+    """15 units: the inputs and output (5), the received q, k, v, out (4) and dout (1), dQ (1)
+    and the dK/dV sums sent and received (4) (docs/mm_sp.md); 17.5 with the own block's
+    gradients computed first (they lived next to a visiting block and its gradients)."""
+    assert world4["memory"] <= 15.1, world4["memory"]
 
 
 @pytest.mark.slow
