@@ -16,9 +16,10 @@ fused path (commit b211d05, `python bench/sp_attention.py`, the same defaults, 4
 same 2-core machine, run 2026-12-02), kept in MAIN_BASELINE; calls and host syncs of main were
 counted by the same counters on that commit. Times on a shared machine vary by tens of percent.
 
-Formulas (elements per rank per layer; H = heads x d, H_kv = KV heads x d after the replication
-for Ulysses, i.e. lcm(kv heads, U) x d):
-  forward:  Ulysses (2H + 2H_kv) S/N (U-1)/U + ring 2 S H_kv (R-1)/N
+Formulas (elements per rank per layer; H = heads x d; H_a2a = U w x d, where w is the number of
+distinct KV heads the query heads of a Ulysses rank use, at most, `attention_2d.KVHeadPlan.width`;
+H_kv = lcm(kv heads, U) x d, the KV heads of the U ranks' local attention):
+  forward:  Ulysses (2H + 2H_a2a) S/N (U-1)/U + ring 2 S H_kv (R-1)/N
   backward: Ulysses the same (the adjoint all-to-alls have the forward's sizes) + ring twice the
             forward (K/V travel again, dK/dV travel with them)
   all-gather baseline: 2 (N-1) S/N H_kv forward (all-gather K, V), the same backward
@@ -189,12 +190,15 @@ def check_baseline_matches_ring(args) -> None:
 
 def expected_elements(mode, ulysses, ring, seq, heads, kv_heads, head_dim):
     """(forward, backward) elements sent per rank, from the formulas in the module docstring."""
+    from longvila_mcore.parallel.attention_2d import kv_head_plan
+
     n = ulysses * ring
     h, h_kv = heads * head_dim, math.lcm(kv_heads, ulysses) * head_dim
+    h_a2a = ulysses * kv_head_plan(heads, kv_heads, ulysses, 0, torch.device("cpu")).width
     if mode == "all_gather":
         per_direction = 2 * (n - 1) * seq / n * kv_heads * head_dim
         return per_direction, per_direction
-    a2a = (2 * h + 2 * h_kv) * seq / n * (ulysses - 1) / ulysses
+    a2a = (2 * h + 2 * h_a2a * head_dim) * seq / n * (ulysses - 1) / ulysses
     ring_fwd = 2 * seq * h_kv * (ring - 1) / n
     return a2a + ring_fwd, a2a + 2 * ring_fwd
 

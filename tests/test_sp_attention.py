@@ -180,6 +180,31 @@ def host_syncs() -> dict[str, list[str]]:
     return syncs
 
 
+def peak_memory_units() -> float:
+    """The largest per-rank peak of one 2 x 2 attention layer's forward and backward (one sample
+    of 1024 tokens, 2 heads and 2 K/V heads, head dim 64), in units of one input's bytes (S/N
+    tokens x heads x head dim), counted as `bench/sp_attention.py` counts it (its `PeakMemory`:
+    the inputs, the output and every tensor alive)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from longvila_mcore.parallel import init_sequence_parallel
+
+    path = Path(__file__).parents[1] / "bench" / "sp_attention.py"
+    spec = importlib.util.spec_from_file_location("sp_attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sp = init_sequence_parallel(2, 2)
+    q, k, v, dout = bench._inputs(1024 // sp.size, 2, 2, 64, sp.rank)
+    with bench.PeakMemory(q, k, v, dout) as memory:
+        bench.step("2d", sp, q, k, v, dout)
+    peak = torch.tensor(memory.peak / q.nbytes)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
+
+
 def validation_errors() -> dict[str, str]:
     """The ValueError message of each misuse, raised through the public entry points."""
     from longvila_mcore.parallel import init_sequence_parallel
@@ -259,6 +284,7 @@ def megatron_errors() -> dict[str, float]:
 
 def _world4():
     heads = {layout: [(4, 2), (4, 1)] for layout in ((1, 4), (4, 1), (2, 2))}
+    heads[4, 1].append((12, 6))  # U = 4 neither divides nor is divided by 6 K/V heads
     # Samples of 2R, not 2N, tokens: 4 + 20 + 8 + 4 + 16 = 52 = 13 x N on 2 x 2; 12 on 1 x 4 / 4 x 1
     asymmetric = {(2, 2): [(4, 2)], (4, 1): [(4, 1)]}
     return {
@@ -268,13 +294,14 @@ def _world4():
         "adjoint": adjoint_gaps(),
         "ring_sources": ring_sources(),
         "syncs": host_syncs(),
+        "memory": peak_memory_units(),
         "validation": validation_errors(),
         "megatron": megatron_errors(),
     }
 
 
 def _world6():
-    heads = {(2, 3): [(4, 2), (4, 1)], (3, 2): [(6, 2)]}
+    heads = {(2, 3): [(4, 2), (4, 1)], (3, 2): [(6, 2), (12, 4)]}  # 12/4 over U = 3: 2 of 4
     return {
         "attention": attention_cases(heads, (0, 24, 36, 72), (0, 48)),
         # 2R per sample, N for the pack: 6 + 18 + 18 on 2 x 3; 4 + 12 + 8 + 12 on 3 x 2
@@ -291,7 +318,7 @@ def world4():
 @pytest.mark.slow
 def test_attention_matches_float64_reference_on_4_ranks(world4):
     errors = world4["attention"]
-    assert len(errors) == 12
+    assert len(errors) == 14
     assert max(errors.values()) <= TOLERANCE, errors
 
 
@@ -305,7 +332,7 @@ def test_samples_padded_to_2r_match_float64_reference_on_4_ranks(world4):
 @pytest.mark.slow
 def test_attention_matches_float64_reference_on_6_ranks():
     results = run_ranks(6, _world6)
-    assert len(results["attention"]) == 6 and len(results["asymmetric"]) == 4
+    assert len(results["attention"]) == 8 and len(results["asymmetric"]) == 4
     for errors in results.values():
         assert max(errors.values()) <= TOLERANCE, errors
 
@@ -315,6 +342,14 @@ def test_no_host_syncs_in_an_attention_layer(world4):
     syncs = world4["syncs"]
     assert len(syncs) == 4
     assert all(calls == [] for calls in syncs.values()), syncs
+
+
+@pytest.mark.slow
+def test_ring_backward_peak_memory(world4):
+    """15 units: the inputs and output (5), the received q, k, v, out (4) and dout (1), dQ (1)
+    and the dK/dV sums sent and received (4) (docs/mm_sp.md); 17.5 with the own block's
+    gradients computed first (they lived next to a visiting block and its gradients)."""
+    assert world4["memory"] <= 15.1, world4["memory"]
 
 
 @pytest.mark.slow
@@ -358,17 +393,30 @@ def test_shard_order_is_ring_zigzag_then_contiguous():
     assert ring1 == [*range(4, 12), *range(18, 22), *range(30, 42)]
 
 
-def test_kv_heads_are_replicated_for_the_query_heads_of_each_ulysses_rank():
-    from longvila_mcore.parallel.attention_2d import replicate_kv_heads
+def test_each_ulysses_rank_receives_the_distinct_kv_heads_of_its_query_heads():
+    """Following the plan's indices (select, all-to-all, local expand) gives every local query
+    head its own K/V head under grouped-query attention's local mapping, and a rank receives no
+    more heads than the most any rank's query heads use (lcm(hkv, U) / U before)."""
+    from longvila_mcore.parallel.attention_2d import kv_head_plan
 
-    for hq, hkv, ulysses in [(4, 2, 4), (4, 1, 2), (6, 2, 3), (8, 4, 2), (12, 2, 4)]:
-        kv = torch.arange(hkv, dtype=torch.float64).view(1, 1, hkv, 1)
-        replicated = replicate_kv_heads(kv, ulysses).flatten()
-        per_rank_q, per_rank_kv = hq // ulysses, replicated.numel() // ulysses
-        for h in range(hq):
-            rank, local = divmod(h, per_rank_q)
-            local_kv = local // (per_rank_q // per_rank_kv)
-            assert replicated[rank * per_rank_kv + local_kv] == h // (hq // hkv)
+    cpu = torch.device("cpu")
+    # (hq, hkv, U, heads each rank receives): U | hkv, hkv | U, and neither (12/4/3, 12/6/4)
+    cases = [(4, 2, 4, 1), (4, 1, 2, 1), (6, 2, 3, 2), (8, 4, 2, 2), (12, 2, 4, 1)]
+    cases += [(12, 4, 3, 2), (12, 6, 4, 2), (24, 4, 6, 2)]
+    for hq, hkv, ulysses, width in cases:
+        per_rank_q = hq // ulysses
+        for rank in range(ulysses):
+            plan = kv_head_plan(hq, hkv, ulysses, rank, cpu)
+            assert plan.width == width, (hq, hkv, ulysses)
+            sent = torch.arange(hkv) if plan.send is None else plan.send
+            received = sent.view(ulysses, plan.width)[rank]
+            local = received if plan.local is None else received[plan.local]
+            assert per_rank_q % len(local) == 0
+            needed = {(rank * per_rank_q + i) // (hq // hkv) for i in range(per_rank_q)}
+            assert set(received.tolist()) == needed, (hq, hkv, ulysses, rank)
+            for i in range(per_rank_q):
+                kv_head = local[i // (per_rank_q // len(local))]
+                assert kv_head == (rank * per_rank_q + i) // (hq // hkv), (hq, hkv, ulysses, rank)
 
 
 def test_layout_errors_before_any_group_exists():

@@ -19,9 +19,10 @@ Attention, one autograd function. q/k/v shards `[S/N, b, h, d]` -> ONE all-to-al
 group moves q, k and v together (scatter heads, gather sequence) -> `[S/R, b, h/U, d]` views of one
 buffer -> zigzag ring attention over the ring group -> ONE all-to-all back (scatter sequence,
 gather heads) -> `[S/N, b, hq, d]`. The backward mirrors it: one all-to-all for dout, the ring
-writes dq/dk/dv into one buffer laid out as that all-to-all sends it, one all-to-all back. K/V
-heads are replicated first when U does not divide their number, so each Ulysses rank receives the
-K/V heads its query heads use.
+writes dq/dk/dv into one buffer laid out as that all-to-all sends it, one all-to-all back. Each
+Ulysses rank receives only the distinct K/V heads its query heads use (`KVHeadPlan`: a K/V head
+goes to every rank that needs it, once), expanded locally when grouped-query attention needs
+copies of them.
 
 No host syncs. The shard pieces, the validated boundaries and the ring layout (boundaries as device
 tensors, front / back rows) are built once per set of sample boundaries and cached; a layer's
@@ -35,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -137,15 +139,40 @@ def zigzag_order(bounds: tuple[int, ...], ring: int) -> torch.Tensor:
     return torch.cat([torch.arange(a, a + n) for a, n in zigzag_pieces(bounds, ring)])
 
 
-def replicate_kv_heads(x: torch.Tensor, ulysses: int) -> torch.Tensor:
-    """[s, b, hkv, d] -> [s, b, lcm(hkv, U), d], each head repeated in place, so that splitting
-    heads over U ranks gives every rank the K/V heads of its query heads (hq is a multiple of
-    both hkv and U)."""
-    s, b, h, d = x.shape
-    copies = ulysses // math.gcd(h, ulysses)
-    if copies == 1:
-        return x
-    return x.unsqueeze(3).expand(s, b, h, copies, d).reshape(s, b, h * copies, d)
+@dataclass(frozen=True, eq=False)
+class KVHeadPlan:
+    """Which K/V heads travel in the Ulysses all-to-all, for one Ulysses rank.
+
+    The local attention needs `lcm(hkv, U) / U` K/V heads per rank, laid out so that its query
+    heads map to them as grouped-query attention does (local query head i uses local K/V head
+    i // (hq / lcm)). A rank receives only the distinct K/V heads its query heads use, `width` of
+    them (the largest such count over the ranks; a rank that needs fewer gets its last one
+    again), and `local` expands them to the lcm layout after the receive. `send` is None when U
+    divides hkv (each head goes to one rank, in order); `local` is None when U divides hkv or hkv
+    divides U (what a rank receives is its layout)."""
+
+    width: int
+    send: torch.Tensor | None  # [U * width] K/V heads, rank after rank, to select before sending
+    local: torch.Tensor | None  # [lcm / U] received heads of the local layout, or None if all
+
+
+@functools.lru_cache(maxsize=64)
+def kv_head_plan(hq: int, hkv: int, ulysses: int, rank: int, device: torch.device) -> KVHeadPlan:
+    """The `KVHeadPlan` of Ulysses rank `rank` (hq a multiple of hkv and U), built once on the
+    device for every layer."""
+    per_rank = math.lcm(hkv, ulysses) // ulysses
+    group = math.lcm(hkv, ulysses) // hkv  # replicas of each K/V head in the lcm layout
+    layout = [[(u * per_rank + j) // group for j in range(per_rank)] for u in range(ulysses)]
+    needed = [sorted(set(heads)) for heads in layout]
+    width = max(len(heads) for heads in needed)
+    sent = [heads + heads[-1:] * (width - len(heads)) for heads in needed]
+    flat = [h for heads in sent for h in heads]
+    local = [sent[rank].index(h) for h in layout[rank]]
+    return KVHeadPlan(
+        width,
+        None if flat == list(range(hkv)) else torch.tensor(flat, device=device),
+        None if local == list(range(width)) else torch.tensor(local, device=device),
+    )
 
 
 class _Attention2D(torch.autograd.Function):
@@ -153,10 +180,14 @@ class _Attention2D(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: RingLayout, groups: SequenceParallelGroups, scale: float):
         ulysses, u = groups.ulysses, groups.ulysses.size()
         batch, kv_heads = q.shape[1], k.shape[2]
-        k, v = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
-        widths = (q.shape[2] // u, k.shape[2] // u, k.shape[2] // u)
+        plan = kv_head_plan(q.shape[2], kv_heads, u, ulysses.rank(), q.device)
+        if plan.send is not None:
+            k, v = k.index_select(2, plan.send), v.index_select(2, plan.send)
+        widths = (q.shape[2] // u, plan.width, plan.width)
         if u > 1:
             q, k, v = heads_to_sequence([q, k, v], ulysses).split(widths, dim=2)
+        if plan.local is not None:  # own buffers, so that the received one is freed
+            q, k, v = q.contiguous(), k.index_select(2, plan.local), v.index_select(2, plan.local)
         q, k, v = fold_batch(q), fold_batch(k), fold_batch(v)
         out, lse = ring_forward(q, k, v, layout, groups.ring, scale)
         out = out.to(q.dtype)
@@ -168,13 +199,13 @@ class _Attention2D(torch.autograd.Function):
             ctx.held = [q, k, v, out, lse]
         else:
             ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, groups, scale, batch, widths, kv_heads)
+        ctx.args = (layout, groups, scale, batch, widths, kv_heads, plan)
         out = unfold_batch(out, batch)
         return sequence_to_heads(out, widths[:1], ulysses)[0] if u > 1 else out
 
     @staticmethod
     def backward(ctx, dout):
-        layout, groups, scale, batch, widths, kv_heads = ctx.args
+        layout, groups, scale, batch, widths, kv_heads, plan = ctx.args
         ulysses, u = groups.ulysses, groups.ulysses.size()
         saved = ctx.held if u > 1 else list(ctx.saved_tensors)
         ctx.held = None
@@ -186,10 +217,17 @@ class _Attention2D(torch.autograd.Function):
         del dout, saved
         if u == 1:
             return (*(unfold_batch(g.to(dtype), batch) for g in grads), None, None, None)
+        if plan.local is not None:  # the gradients of a received head's local copies add up
+            t, d = grads[1].shape[0], grads[1].shape[2]
+            for i in (1, 2):
+                grads[i] = (
+                    grads[i].new_zeros((t, plan.width, d)).index_add_(1, plan.local, grads[i])
+                )
         # Passed without a name here, so the all-to-all frees the buffer once it is sent.
         dq, dk, dv = sequence_to_heads(_pack(grads, widths, batch, dtype), widths, ulysses)
-        if dk.shape[2] != kv_heads:  # the replicas' gradients add up
-            dk, dv = (x.unflatten(2, (kv_heads, -1)).sum(3) for x in (dk, dv))
+        if plan.send is not None:  # the gradients of the copies sent to several ranks add up
+            shape = (*dk.shape[:2], kv_heads, dk.shape[3])
+            dk, dv = (x.new_zeros(shape).index_add_(2, plan.send, x) for x in (dk, dv))
         return dq, dk, dv, None, None, None
 
 

@@ -19,11 +19,14 @@ Backward. Every block's gradient uses the final `out` and `lse`. dQ stays local.
 the ring again, and each block's dK/dV accumulate along its path: rank r adds its contribution to
 the sums that arrive from r - 1 (in place, in the buffers they arrived in) and passes them to r + 1,
 so after R - 1 hops the sum reaches the block's owner, which adds its own (causal) part. K/V and
-dK/dV each take R - 1 hops: backward traffic is twice the forward's.
+dK/dV each take R - 1 hops: backward traffic is twice the forward's. The own block comes last,
+in its three zigzag pieces (front -> front causal, back -> front, back -> back causal), added in
+place into the sums that arrived for it: a rank never holds full-size own gradients next to a
+visiting block and its sums. The first K/V transfer is then not overlapped with compute.
 
 K and V travel as one `[2, t, h, d]` message per step, received into a fresh buffer while the
-current block is in use (two blocks alive at a time); dK and dV travel in one batch of two. The tensors are "thd": batch rows are folded
-into further samples by the caller (`fold_batch`).
+current block is in use (two blocks alive at a time); dK and dV travel in one batch of two. The
+tensors are "thd": batch rows are folded into further samples by the caller (`fold_batch`).
 """
 
 from __future__ import annotations
@@ -199,18 +202,19 @@ def ring_backward(
     scale: float,
 ) -> list[torch.Tensor]:
     """`[dq, dk, dv]` of `ring_forward` in the accumulation dtype, from the final `out` / `lse`.
-    The own block's gradients are the accumulators (no copies); every buffer is dropped as soon
-    as it is used."""
+
+    The visiting blocks come first and the own block last: the dK/dV sums that arrive for the
+    own block become its dK/dV accumulators, and the own block's gradients are computed in its
+    three zigzag pieces and added in place, so no rank holds full-size own gradients next to the
+    sums and a visiting block (a rank's peak). Every buffer is dropped as soon as it is used."""
     rank, size = group.rank(), group.size()
-    blocks = _visiting_blocks(k, v, group) if size > 1 else iter(())
     full, half, front, back = layout.full, layout.half, layout.front, layout.back
     acc = lse.dtype
-    dq, dk, dv = (
-        g.to(acc) for g in attention_backward(dout, q, k, v, out, lse, full, full, True, scale)
-    )
-    if rank < size - 1:
-        q_b, dout_b, out_b, lse_b = back.take(q), back.take(dout), back.take(out), back.take(lse, 1)
-    arriving = None  # the dK/dV sums of the current block, from the previous ring rank
+    if size == 1:
+        grads = attention_backward(dout, q, k, v, out, lse, full, full, True, scale)
+        return [g.to(acc) for g in grads]
+    blocks = _visiting_blocks(k, v, group)
+    dq = arriving = None  # arriving: the dK/dV sums of the current block, from the previous rank
     for source, holder in blocks:
         kv = holder.pop()
         if source < rank:
@@ -219,33 +223,64 @@ def ring_backward(
                 dout, q, kv[0], kv[1], out, lse, full, half, False, scale
             )
             del kv
-            dq.add_(dq_blk)
+            dq = dq_blk.to(acc) if dq is None else dq.add_(dq_blk)
+            del dq_blk
             if arriving is None:
-                sums = [dk.new_zeros(dk.shape), dv.new_zeros(dv.shape)]
+                sums = [k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)]
             else:
                 sums = arriving.wait()
             front.add_(sums[0], 0, dk_front)
             front.add_(sums[1], 0, dv_front)
-            del dq_blk, dk_front, dv_front
+            del dk_front, dv_front
         else:
             dq_back, dk_blk, dv_blk = attention_backward(
-                dout_b, q_b, kv[0], kv[1], out_b, lse_b, half, full, False, scale
+                back.take(dout),
+                back.take(q),
+                kv[0],
+                kv[1],
+                back.take(out),
+                back.take(lse, 1),
+                half,
+                full,
+                False,
+                scale,
             )
             del kv
+            if dq is None:
+                dq = q.new_zeros(q.shape, dtype=acc)
             back.add_(dq, 0, dq_back)
+            del dq_back
             if arriving is None:
                 sums = [dk_blk.to(acc), dv_blk.to(acc)]
             else:
                 sums = arriving.wait()
                 sums[0].add_(dk_blk)
                 sums[1].add_(dv_blk)
-            del dq_back, dk_blk, dv_blk
+            del dk_blk, dv_blk
         arriving = ring_shift_start(sums, [torch.empty_like(x) for x in sums], group, tag=_GRAD_TAG)
         del sums
-    if arriving is not None:  # the sums for this rank's own block, from every other rank
-        dk_sum, dv_sum = arriving.wait()
-        dk.add_(dk_sum)
-        dv.add_(dv_sum)
+    # The sums for this rank's own block, from every other rank, accumulate its own part: the
+    # causal attention of each sample's [front | back] chunks is front->front (causal),
+    # back->front (no mask) and back->back (causal).
+    dk, dv = arriving.wait()
+    del arriving
+    for q_rows, k_rows, causal in ((front, front, True), (back, front, False), (back, back, True)):
+        dq_part, dk_part, dv_part = attention_backward(
+            q_rows.take(dout),
+            q_rows.take(q),
+            k_rows.take(k),
+            k_rows.take(v),
+            q_rows.take(out),
+            q_rows.take(lse, 1),
+            half,
+            half,
+            causal,
+            scale,
+        )
+        q_rows.add_(dq, 0, dq_part)
+        k_rows.add_(dk, 0, dk_part)
+        k_rows.add_(dv, 0, dv_part)
+        del dq_part, dk_part, dv_part
     return [dq, dk, dv]
 
 
