@@ -126,16 +126,17 @@ def test_the_tiny_model_brings_its_recipe_and_overrides_win():
             compose("config", overrides=["+stage=5_sft_1024f", "train.max_steps=5"])
         )
     assert (tiny.train.lr_scale, tiny.train.max_steps, tiny.train.global_batch_size) == (
-        40,
-        800,
+        80,
+        1200,
         16,
     )
+    assert tiny.data.num_workers == 1
     assert (large.train.lr_scale, large.train.max_steps, large.train.global_batch_size) == (
         1,
         200,
         8,
     )
-    assert (mine.train.max_steps, mine.train.lr_scale) == (5, 40)
+    assert (mine.train.max_steps, mine.train.lr_scale) == (5, 80)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from longvila_mcore.data.synthetic import (
     DEFAULT_FRAMES,
+    VERSION,
     SyntheticPaths,
     dataset_paths,
     generate_synthetic,
@@ -30,7 +31,7 @@ def main() -> None:
         "--out",
         type=Path,
         help="target directory (default: the cache's, "
-        "$LONGVILA_CACHE or ~/.cache/longvila_mcore, then synthetic/v2)",
+        f"$LONGVILA_CACHE or ~/.cache/longvila_mcore, then synthetic/{VERSION})",
     )
     parser.add_argument(
         "--frames", type=int, default=DEFAULT_FRAMES, help="frames of a needle video"

@@ -3,7 +3,7 @@
 Real webdataset shards with real encoded media (H.264 mp4 videos, JPEG and PNG images), a
 pre-tokenised text set and the byte-level BPE tokenizer they were written with, generated
 deterministically from a seed into the cache (`$LONGVILA_CACHE` or `~/.cache/longvila_mcore`,
-then `synthetic/v2`). Everything is written into a temporary directory that is renamed when
+then `synthetic/v3`). Everything is written into a temporary directory that is renamed when
 complete, so an interrupted generation leaves no cache behind.
 
 What is in it (images and videos are 56 x 56, videos at 2 frames a second):
@@ -12,11 +12,11 @@ What is in it (images and videos are 56 x 56, videos at 2 frames a second):
   background, on the left".
 - interleaved (stage 2): documents of two or three such pictures, each followed by a sentence
   about it, and a final count of the pictures.
-- conversation (stages 3 and 5): a quarter questions about a picture (an eighth a shape
-  picture: colour, shape, side; an eighth a needle picture: colour and shape), a quarter about a
-  short clip of a moving shape (colour, shape, direction), half about a needle
-  video: a grey haystack (`haystack`) of 8 to `num_frames` frames with one needle picture
-  (`needle_picture`: one of 4 colours x 3 shapes, centred on black) at a random depth.
+- conversation (stages 3 and 5): an eighth questions about a shape picture (colour, shape,
+  side), a quarter about a needle picture alone (colour and shape), an eighth about a short clip
+  of a moving shape (colour, shape, direction), half about a needle video: a grey haystack
+  (`haystack`) of 8 to `num_frames` frames with one needle picture (`needle_picture`: one of 4
+  colours x 3 shapes, centred on black) at a random depth.
   A needle video asks both needle questions (`NEEDLE_QUESTIONS`: its colour and its shape, in a
   random order, each answered with one word) and sometimes when it appears (near the start, in
   the middle, near the end). The needle evaluation (`longvila_mcore.eval`) asks the same
@@ -50,7 +50,7 @@ from longvila_mcore.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-VERSION = "v2"
+VERSION = "v3"
 DEFAULT_FRAMES = 64
 SIZE = 56
 FRAME_RATE = 2
@@ -82,7 +82,7 @@ class SyntheticPaths:
 
 
 def synthetic_root(cache_dir: str | Path | None = None, num_frames: int = DEFAULT_FRAMES) -> Path:
-    """The dataset's directory: `<cache>/synthetic/v2` (`v2-<n>f` for non-default lengths)."""
+    """The dataset's directory: `<cache>/synthetic/v3` (`v3-<n>f` for non-default lengths)."""
     base = cache_dir or os.environ.get("LONGVILA_CACHE") or Path.home() / ".cache/longvila_mcore"
     name = VERSION if num_frames == DEFAULT_FRAMES else f"{VERSION}-{num_frames}f"
     return Path(base) / "synthetic" / name
@@ -292,8 +292,8 @@ def _interleaved(rng: np.random.Generator, i: int) -> tuple[dict, str]:
 
 
 def _conversation(rng: np.random.Generator, i: int, num_frames: int) -> tuple[dict, str]:
-    variant = i % 4
-    if variant == 0 and i % 8 == 4:  # a needle picture alone: its shape learnt on one frame
+    variant = i % 8
+    if variant in (1, 2):  # a needle picture alone: its shape learnt on one frame
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
         media = {"jpg": encode_image(needle_picture(colour, shape), "jpg")}
         questions = [
@@ -309,7 +309,7 @@ def _conversation(rng: np.random.Generator, i: int, num_frames: int) -> tuple[di
             ("What shape is in the picture?", w["shape"]),
             ("Where is the shape?", f"on the {w['side']}"),
         ]
-    elif variant == 1:
+    elif variant == 3:
         frames, w = _moving_shape(rng)
         media, placeholder = {"mp4": encode_video(frames)}, "<video>"
         questions = [
