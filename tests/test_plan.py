@@ -274,7 +274,7 @@ def test_memory_model_against_measured_peak(name):
 
     cfg, layout, frames, tokens, targets, trainable = CALIBRATION[name]
     work = Workload(frames, tokens, targets, trainable or Workload.trainable)
-    measured = run_ranks(layout.world, measure_peak, cfg, layout.parallel(), work, fresh=True)
+    measured = run_ranks(layout.world, measure_peak, cfg, layout.parallel(), work)
     predicted = planner.peak_memory(cfg, layout, work, CPU_FP32).total
     assert abs(predicted - measured) <= TOLERANCE * measured, (
         f"{name}: predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
