@@ -46,11 +46,10 @@ def _entry(rank, world_size, port, fn, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
         raise
     finally:
-        from megatron.core import parallel_state
+        from longvila_mcore.runtime import destroy_model_parallel
 
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
         if torch.distributed.is_initialized():
+            destroy_model_parallel()
             torch.distributed.destroy_process_group()
 
 

@@ -189,7 +189,7 @@ def _model_checks(cases):
 
     from longvila_mcore.models.longvila import LongVILAModel
     from longvila_mcore.parallel.core_attention import PackedSamples
-    from longvila_mcore.runtime import init_model_parallel
+    from longvila_mcore.runtime import destroy_model_parallel, init_model_parallel
     from tests.plan_probe import video_batch
 
     results = []
@@ -224,7 +224,7 @@ def _model_checks(cases):
         )
         results.append((held, trainable, decoder, tower))
         del model
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
     dist.barrier()
     return results
 

@@ -6,12 +6,17 @@ from longvila_mcore.runtime.device import (
     default_dtype,
     spec_backend,
 )
-from longvila_mcore.runtime.distributed import init_distributed, init_model_parallel
+from longvila_mcore.runtime.distributed import (
+    destroy_model_parallel,
+    init_distributed,
+    init_model_parallel,
+)
 
 __all__ = [
     "attention_backend",
     "default_device",
     "default_dtype",
+    "destroy_model_parallel",
     "init_distributed",
     "init_model_parallel",
     "spec_backend",

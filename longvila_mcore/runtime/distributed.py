@@ -20,6 +20,32 @@ from longvila_mcore.runtime.megatron_cpu import (
 
 log = logging.getLogger(__name__)
 
+# The process groups the last `init_model_parallel` created (Megatron's tp, pp, cp, dp, ... groups).
+_megatron_groups: list[dist.ProcessGroup] = []
+
+
+def _process_groups() -> list[dist.ProcessGroup]:
+    # torch keeps every group it made in this map until `destroy_process_group`; there is no
+    # public listing.
+    return list(dist.distributed_c10d._world.pg_map)
+
+
+def destroy_model_parallel() -> None:
+    """Forget Megatron's layout and destroy the groups it created (collective over the world).
+
+    Megatron's `destroy_model_parallel` only drops its references: torch keeps every group, and
+    on gloo each one keeps two threads per rank alive (57 threads per layout at tp 2 x ulysses 2
+    of 4 ranks), so a process that tries several layouts (tests, a planner) would accumulate
+    hundreds of threads and slow every later collective.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    for group in _megatron_groups:
+        dist.destroy_process_group(group)
+    _megatron_groups.clear()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -78,8 +104,8 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 0) -> int:
     enable_cpu_training_support()  # every Megatron user starts here
     world = dist.get_world_size()
     dp = parallel.data_parallel_size(world)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
+    before = set(_process_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -88,6 +114,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 0) -> int:
         # On gloo the "gloo copies" of each group would be duplicates of the groups themselves.
         create_gloo_process_groups=dist.get_backend() != "gloo",
     )
+    _megatron_groups[:] = [g for g in _process_groups() if g not in before]
     model_parallel_cuda_manual_seed(seed)
     if dist.get_rank() == 0:
         log.info(
