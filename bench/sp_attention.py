@@ -9,19 +9,25 @@ sample to a multiple of 2N) and the new one (2R per sample, N for the pack). Pri
 bench/results/sp_attention.json; with --json the last line of stdout is one JSON object.
 
     python bench/sp_attention.py [--seq 4096] [--heads 8] [--kv-heads 4] [--head-dim 64]
-                                 [--iters 3] [--long-seq 32768] [--long-heads 2] [--json]
+                                 [--iters 3] [--long-seq 32768] [--long-heads 8]
+                                 [--memory-repeats 2] [--json]
 
 The "main" columns are not measured here: they are this script's numbers on main before the
 fused path (commit b211d05, `python bench/sp_attention.py`, the same defaults, 4 gloo ranks on the
 same 2-core machine, run 2026-12-02), kept in MAIN_BASELINE; calls and host syncs of main were
 counted by the same counters on that commit. Times on a shared machine vary by tens of percent.
+The memory scaling runs 8 heads (and 8 K/V heads) at every N: 4 per Ulysses rank at U = 2, so the
+2D backward runs in 4 chunks of heads (`attention_2d.backward_chunks`); main's memory numbers were
+measured with 2 heads (the ratios are comparable: every term scales with the heads).
 
 Formulas (elements per rank per layer; H = heads x d; H_a2a = U w x d, where w is the number of
 distinct KV heads the query heads of a Ulysses rank use, at most, `attention_2d.KVHeadPlan.width`;
 H_kv = lcm(kv heads, U) x d, the KV heads of the U ranks' local attention):
   forward:  Ulysses (2H + 2H_a2a) S/N (U-1)/U + ring 2 S H_kv (R-1)/N
   backward: Ulysses the same (the adjoint all-to-alls have the forward's sizes) + ring twice the
-            forward (K/V travel again, dK/dV travel with them)
+            forward (K/V travel again, dK/dV travel with them); with c > 1 backward chunks
+            (`attention_2d.backward_chunks`) q, k, v and out travel again too, chunk by chunk
+            (2 c all-to-alls): Ulysses (4H + 4H_a2a) S/N (U-1)/U
   all-gather baseline: 2 (N-1) S/N H_kv forward (all-gather K, V), the same backward
             (reduce-scatter dK, dV)
 """
@@ -35,7 +41,6 @@ import os
 import socket
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -67,32 +72,41 @@ PADDING_LAYOUTS = ((2, 2), (8, 4), (8, 32))
 
 class PeakMemory(TorchDispatchMode):
     """Peak bytes of tensor storage alive while the mode is active (CPU has no allocator stats):
-    every op's outputs are counted until their storage is freed."""
+    every op's outputs are counted until their storage is freed. The mode holds one reference to
+    each storage it counts and lets it go, at the next op, once that reference is the last one:
+    a buffer that gloo's thread releases after a transfer counts until it is released, not until
+    that thread next gets the GIL (which a weakref callback on the storage would wait for; such
+    delays added up to 2 units of the 2D peak at random)."""
 
     def __init__(self, *inputs: torch.Tensor):
         super().__init__()
         self.live = self.peak = 0
-        self._alive = {}
+        self._alive: dict[int, torch.UntypedStorage] = {}
         for t in inputs:
             self._track(t)
+
+    def _sweep(self) -> None:
+        for key, storage in list(self._alive.items()):
+            if torch._C._storage_Use_Count(key) == 1:  # only this mode's reference is left
+                self.live -= storage.nbytes()
+                del self._alive[key]
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
         if key in self._alive:
             return
-        size = storage.nbytes()
-        self.live += size
+        self._alive[key] = storage
+        self.live += storage.nbytes()
         self.peak = max(self.peak, self.live)
 
-        def release(key=key, size=size):
-            self.live -= size
-            self._alive.pop(key, None)
-
-        self._alive[key] = weakref.finalize(storage, release)
+    def __exit__(self, *exc):
+        self._alive.clear()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._sweep()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -190,17 +204,19 @@ def check_baseline_matches_ring(args) -> None:
 
 def expected_elements(mode, ulysses, ring, seq, heads, kv_heads, head_dim):
     """(forward, backward) elements sent per rank, from the formulas in the module docstring."""
-    from longvila_mcore.parallel.attention_2d import kv_head_plan
+    from longvila_mcore.parallel.attention_2d import backward_chunks, kv_head_plan
 
     n = ulysses * ring
     h, h_kv = heads * head_dim, math.lcm(kv_heads, ulysses) * head_dim
-    h_a2a = ulysses * kv_head_plan(heads, kv_heads, ulysses, 0, torch.device("cpu")).width
+    plan = kv_head_plan(heads, kv_heads, ulysses, 0, torch.device("cpu"))
+    h_a2a = ulysses * plan.width
     if mode == "all_gather":
         per_direction = 2 * (n - 1) * seq / n * kv_heads * head_dim
         return per_direction, per_direction
     a2a = (2 * h + 2 * h_a2a * head_dim) * seq / n * (ulysses - 1) / ulysses
+    a2a_bwd = 2 * a2a if backward_chunks(kv_heads, ulysses, plan) > 1 else a2a
     ring_fwd = 2 * seq * h_kv * (ring - 1) / n
-    return a2a + ring_fwd, a2a + 2 * ring_fwd
+    return a2a + ring_fwd, a2a_bwd + 2 * ring_fwd
 
 
 def _max_over_ranks(values: list[float], group=None) -> list[float]:
@@ -266,7 +282,11 @@ def measure_layout(mode, args) -> dict:
 
 def measure_memory_scaling(args) -> dict:
     """Per-rank peak memory of the 2D attention on `long_seq` tokens for N = 1, 2, 4 (only the
-    first sequence-parallel group computes, so the cores are not shared with idle copies)."""
+    first sequence-parallel group computes, so the cores are not shared with idle copies): the
+    least of `memory_repeats` steps on each rank, the largest over ranks. A step's peak varies by
+    up to 2 units of S/N tokens x heads x d (about 0.06x N=1) with the machine's load: gloo's
+    worker thread drops its reference to a finished all-to-all's buffers only when it next runs,
+    and until then they count next to the buffers allocated after it."""
     from longvila_mcore.parallel import init_sequence_parallel
 
     results = {}
@@ -277,9 +297,12 @@ def measure_memory_scaling(args) -> dict:
         if dist.get_rank() < n:
             heads = args.long_heads
             q, k, v, dout = _inputs(args.long_seq // n, heads, heads, args.head_dim, sp.rank)
-            with PeakMemory(q, k, v, dout) as memory:
-                step("2d", sp, q, k, v, dout)
-                peak = memory.peak
+            peaks = []
+            for _ in range(args.memory_repeats):
+                with PeakMemory(q, k, v, dout) as memory:
+                    step("2d", sp, q, k, v, dout)
+                peaks.append(memory.peak)
+            peak = min(peaks)
         results[n] = {"layout": f"{ulysses}x{ring}", "peak_bytes": _max_over_ranks([peak])[0]}
     for r in results.values():
         r["ratio"] = r["peak_bytes"] / results[1]["peak_bytes"]
@@ -349,7 +372,10 @@ def report(args, layouts, scaling, padding):
             f"{r['peak_bytes'] / mb:>8.1f}{base['peak_mb']:>6.1f}"
         )
     if scaling:
-        print(f"\nper-rank peak memory, 2D attention, S={args.long_seq}, heads={args.long_heads}")
+        print(
+            f"\nper-rank peak memory, 2D attention, S={args.long_seq}, heads={args.long_heads} "
+            "(main: 2 heads)"
+        )
         print(f"{'N':>3}{'UxR':>6}{'peak MB':>10}{'/ N=1':>7}{'main MB':>9}{'/ N=1':>7}")
         for n, r in scaling.items():
             peak = r["peak_bytes"] / mb
@@ -392,7 +418,12 @@ def main():
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per layout")
     parser.add_argument("--long-seq", type=int, default=32768, help="0 skips the memory scaling")
-    parser.add_argument("--long-heads", type=int, default=2)
+    parser.add_argument(
+        "--long-heads", type=int, default=8, help="heads (and K/V heads) of the memory scaling"
+    )
+    parser.add_argument(
+        "--memory-repeats", type=int, default=2, help="steps per N (the least peak counts)"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON last")
     args = parser.parse_args()
     with socket.socket() as s:

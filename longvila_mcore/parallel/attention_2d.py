@@ -19,7 +19,11 @@ Attention, one autograd function. q/k/v shards `[S/N, b, h, d]` -> ONE all-to-al
 group moves q, k and v together (scatter heads, gather sequence) -> `[S/R, b, h/U, d]` views of one
 buffer -> zigzag ring attention over the ring group -> ONE all-to-all back (scatter sequence,
 gather heads) -> `[S/N, b, hq, d]`. The backward mirrors it: one all-to-all for dout, the ring
-writes dq/dk/dv into one buffer laid out as that all-to-all sends it, one all-to-all back. Each
+writes dq/dk/dv into one buffer laid out as that all-to-all sends it, one all-to-all back. When U
+divides the K/V heads and a rank has several, the backward runs in chunks of whole K/V heads
+(`backward_chunks`): per chunk one all-to-all moves that chunk's q, k, v, out and dout (the
+forward kept the rank's own, not the received ones) and one sends its dq/dk/dv back, so a rank
+holds a chunk's received tensors, dQ and dK/dV sums at a time (docs/mm_sp.md, "Memory"). Each
 Ulysses rank receives only the distinct K/V heads its query heads use (`KVHeadPlan`: a K/V head
 goes to every rank that needs it, once), expanded locally when grouped-query attention needs
 copies of them.
@@ -175,48 +179,107 @@ def kv_head_plan(hq: int, hkv: int, ulysses: int, rank: int, device: torch.devic
     )
 
 
+# The most head chunks the backward of a layer is split into (see `backward_chunks`).
+MAX_BACKWARD_CHUNKS = 4
+
+
+def backward_chunks(kv_heads: int, ulysses: int, plan: KVHeadPlan) -> int:
+    """Into how many chunks of whole K/V heads (each with the query heads that use them) the 2D
+    attention's backward is split: the largest divisor of the rank's local K/V heads up to
+    `MAX_BACKWARD_CHUNKS`, when U divides the K/V heads (`plan` moves each head to one rank);
+    1 otherwise, and without Ulysses. Chunks never share a K/V head, so nothing travels twice."""
+    if ulysses == 1 or plan.send is not None or plan.local is not None:
+        return 1
+    local = kv_heads // ulysses
+    return max(c for c in range(1, MAX_BACKWARD_CHUNKS + 1) if local % c == 0)
+
+
+def _fold_copy(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """An own `[b * s, h, d]` copy of `x` `[s, b, h, d]` (one copy, no temporary)."""
+    s, b, h, d = x.shape
+    out = x.new_empty((b * s, h, d))
+    unfold_batch(out, batch).copy_(x)
+    return out
+
+
+def _receive(parts, widths, plan: KVHeadPlan, group, batch: int, select=None):
+    """The Ulysses all-to-all of q, k, v (and any further parts with q's heads: out, dout):
+    folded own copies of the received q and further parts `[T, h, d]` and the K/V block
+    `[2, T, h_kv, d]` the ring sends as it is, expanded to the local heads (`plan.local`). The
+    all-to-all's buffer is freed on return, so that nothing holds it next to the copies."""
+    recv = heads_to_sequence(parts, group, select).split(widths, dim=2)
+    k, v = recv[1], recv[2]
+    if plan.local is not None:
+        k, v = k.index_select(2, plan.local), v.index_select(2, plan.local)
+    s, b, h, d = k.shape
+    kv = k.new_empty((2, b * s, h, d))
+    for i, x in enumerate((k, v)):
+        unfold_batch(kv[i], batch).copy_(x)
+    del k, v
+    return [_fold_copy(recv[0], batch), kv, *(_fold_copy(x, batch) for x in recv[3:])]
+
+
 class _Attention2D(torch.autograd.Function):
+    """The 2D attention. With U > 1 and one backward chunk the forward holds the received q and
+    K/V and the output before its all-to-all back for the backward (one all-to-all there, for
+    dout). With several chunks it saves the rank's own q, k, v and output instead (which its
+    caller's autograd graph mostly holds anyway) and the backward moves, chunk by chunk, q, k, v,
+    out and dout of the chunk's heads in one all-to-all, runs the ring backward on them and
+    sends the chunk's gradients back: a rank holds 1/c of the received tensors, of dQ and of
+    the dK/dV sums at a time (docs/mm_sp.md, "Memory")."""
+
     @staticmethod
     def forward(ctx, q, k, v, layout: RingLayout, groups: SequenceParallelGroups, scale: float):
         ulysses, u = groups.ulysses, groups.ulysses.size()
         batch, kv_heads = q.shape[1], k.shape[2]
         plan = kv_head_plan(q.shape[2], kv_heads, u, ulysses.rank(), q.device)
-        if plan.send is not None:
-            k, v = k.index_select(2, plan.send), v.index_select(2, plan.send)
+        chunks = backward_chunks(kv_heads, u, plan)
         widths = (q.shape[2] // u, plan.width, plan.width)
-        if u > 1:
-            q, k, v = heads_to_sequence([q, k, v], ulysses).split(widths, dim=2)
-        if plan.local is not None:  # own buffers, so that the received one is freed
-            q, k, v = q.contiguous(), k.index_select(2, plan.local), v.index_select(2, plan.local)
-        q, k, v = fold_batch(q), fold_batch(k), fold_batch(v)
-        out, lse = ring_forward(q, k, v, layout, groups.ring, scale)
+        ctx.args = (layout, groups, scale, batch, widths, kv_heads, plan, chunks)
+        if u == 1:
+            q, k, v = fold_batch(q), fold_batch(k), fold_batch(v)
+            out, lse = ring_forward(q, (k, v), layout, groups.ring, scale)
+            out = out.to(q.dtype)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return unfold_batch(out, batch)
+        sent = [k, v] if plan.send is None else [x.index_select(2, plan.send) for x in (k, v)]
+        q_recv, kv = _receive([q, *sent], widths, plan, ulysses, batch)
+        del sent
+        if chunks > 1:  # handed over: freed once sent round the ring and used
+            kv = [kv]
+        out, lse = ring_forward(q_recv, kv, layout, groups.ring, scale)
         out = out.to(q.dtype)
-        if u > 1:
+        if chunks == 1:
             # Held on ctx rather than saved for backward, which keeps saved tensors until the
             # backward returns: the backward drops them before the gradients' all-to-all (a
             # rank's peak). All are this function's own intermediates (the q/k/v received, the
             # output before its all-to-all), which nothing else can modify in place.
-            ctx.held = [q, k, v, out, lse]
+            ctx.held = [q_recv, kv, out, lse]
         else:
-            ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (layout, groups, scale, batch, widths, kv_heads, plan)
-        out = unfold_batch(out, batch)
-        return sequence_to_heads(out, widths[:1], ulysses)[0] if u > 1 else out
+            ctx.held = [lse]
+        del q_recv, kv
+        result = sequence_to_heads(unfold_batch(out, batch), widths[:1], ulysses)[0]
+        if chunks > 1:
+            ctx.save_for_backward(q, k, v, result)
+        return result
 
     @staticmethod
     def backward(ctx, dout):
-        layout, groups, scale, batch, widths, kv_heads, plan = ctx.args
+        layout, groups, scale, batch, widths, kv_heads, plan, chunks = ctx.args
         ulysses, u = groups.ulysses, groups.ulysses.size()
-        saved = ctx.held if u > 1 else list(ctx.saved_tensors)
-        ctx.held = None
-        dtype = saved[0].dtype
-        if u > 1:
-            dout = heads_to_sequence([dout], ulysses)
-        dout = fold_batch(dout).contiguous()
-        grads = ring_backward(dout, *saved, layout, groups.ring, scale)
-        del dout, saved
         if u == 1:
-            return (*(unfold_batch(g.to(dtype), batch) for g in grads), None, None, None)
+            q, k, v, out, lse = ctx.saved_tensors
+            dout = fold_batch(dout).contiguous()
+            grads = ring_backward(dout, q, (k, v), out, lse, layout, groups.ring, scale)
+            return (*(unfold_batch(g.to(q.dtype), batch) for g in grads), None, None, None)
+        if chunks > 1:
+            return (*_chunked_backward(ctx, dout), None, None, None)
+        q, kv, out, lse = ctx.held
+        ctx.held = None
+        dtype = q.dtype
+        dout = fold_batch(heads_to_sequence([dout], ulysses)).contiguous()
+        grads = ring_backward(dout, q, kv, out, lse, layout, groups.ring, scale)
+        del dout, q, kv, out, lse
         if plan.local is not None:  # the gradients of a received head's local copies add up
             t, d = grads[1].shape[0], grads[1].shape[2]
             for i in (1, 2):
@@ -229,6 +292,40 @@ class _Attention2D(torch.autograd.Function):
             shape = (*dk.shape[:2], kv_heads, dk.shape[3])
             dk, dv = (x.new_zeros(shape).index_add_(2, plan.send, x) for x in (dk, dv))
         return dq, dk, dv, None, None, None
+
+
+def _chunked_backward(ctx, dout):
+    """The backward in `chunks` chunks of the local heads: chunk j is local query heads
+    [j hq_l / c, (j + 1) hq_l / c) and the K/V heads they use (U divides the K/V heads, so each
+    K/V head is on one rank and the local heads are contiguous)."""
+    layout, groups, scale, batch, widths, kv_heads, plan, chunks = ctx.args
+    q, k, v, out = ctx.saved_tensors
+    (lse,) = ctx.held
+    ctx.held = None
+    wq, wkv = widths[0] // chunks, widths[1] // chunks
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    for j in range(chunks):
+        q_heads, kv_heads = slice(j * wq, (j + 1) * wq), slice(j * wkv, (j + 1) * wkv)
+        select = (q_heads, kv_heads, kv_heads, q_heads, q_heads)
+        received = _receive(
+            [q, k, v, out, dout], (wq, wkv, wkv, wq, wq), plan, groups.ulysses, batch, select
+        )
+        part = ring_backward(
+            received[3],
+            received[0],
+            received[1],
+            received[2],
+            lse[q_heads],
+            layout,
+            groups.ring,
+            scale,
+        )
+        del received
+        chunk_widths = (wq, wkv, wkv)
+        sequence_to_heads(
+            _pack(part, chunk_widths, batch, q.dtype), chunk_widths, groups.ulysses, grads, select
+        )
+    return grads
 
 
 def _pack(grads: list[torch.Tensor], widths, batch: int, dtype: torch.dtype) -> torch.Tensor:

@@ -68,18 +68,27 @@ def _count(kind: str, sent: int, received: int) -> None:
         _counter.received[kind] += received
 
 
-def heads_to_sequence(parts: Sequence[torch.Tensor], group: ProcessGroup) -> torch.Tensor:
+def heads_to_sequence(
+    parts: Sequence[torch.Tensor],
+    group: ProcessGroup,
+    select: Sequence[slice] | None = None,
+) -> torch.Tensor:
     """Ulysses forward for several tensors in one all-to-all: parts `[s, b, h_i, d]` (every h_i a
-    multiple of U, one dtype) -> `[U * s, b, sum(h_i) / U, d]`. Rows `j * s : (j + 1) * s` come from
-    Ulysses rank j; along dim 2 come, part after part, this rank's `h_i / U` heads of each part.
-    One packing copy into the send buffer; the parts of the result are views of one buffer."""
+    multiple of U) -> `[U * s, b, sum(h_i) / U, d]` in the first part's dtype. Rows
+    `j * s : (j + 1) * s` come from Ulysses rank j; along dim 2 come, part after part, this rank's
+    `h_i / U` heads of each part, or only the heads `select[i]` of them (a slice of
+    `range(h_i / U)`: every rank sends each other rank that subset of its heads). One packing copy
+    into the send buffer; the parts of the result are views of one buffer."""
     u = group.size()
     s, b, _, d = parts[0].shape
-    widths = [p.shape[2] // u for p in parts]
+    full = [p.shape[2] // u for p in parts]
+    if select is None:
+        select = [slice(0, w) for w in full]
+    widths = [len(range(w)[sl]) for w, sl in zip(full, select)]
     send = parts[0].new_empty((u, s, b, sum(widths), d))
     offset = 0
-    for part, width in zip(parts, widths):
-        send[..., offset : offset + width, :] = part.unflatten(2, (u, width)).movedim(2, 0)
+    for part, w, sl, width in zip(parts, full, select, widths):
+        send[..., offset : offset + width, :] = part.unflatten(2, (u, w))[:, :, :, sl].movedim(2, 0)
         offset += width
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
@@ -89,12 +98,19 @@ def heads_to_sequence(parts: Sequence[torch.Tensor], group: ProcessGroup) -> tor
 
 
 def sequence_to_heads(
-    x: torch.Tensor, widths: Sequence[int], group: ProcessGroup
+    x: torch.Tensor,
+    widths: Sequence[int],
+    group: ProcessGroup,
+    into: Sequence[torch.Tensor] | None = None,
+    select: Sequence[slice] | None = None,
 ) -> list[torch.Tensor]:
     """The adjoint of `heads_to_sequence` (and the Ulysses output step): `x` `[U * s, b, H, d]`,
     rows `j * s : (j + 1) * s` to Ulysses rank j; dim 2 holds blocks of `widths` heads. Returns one
-    `[s, b, U * width, d]` tensor per block, the heads from rank j at position j. `x` is sent as
-    it is when contiguous (no packing copy)."""
+    `[s, b, U * width, d]` tensor per block, the heads from rank j at position j. With `into`
+    (tensors `[s, b, U * w_i, d]`) block i is written into the heads `select[i]` (a slice of
+    `range(w_i)`) of every rank's w_i heads of `into[i]` instead, and `into` is returned: the
+    adjoint of `heads_to_sequence` with `select`. `x` is sent as it is when contiguous (no packing
+    copy)."""
     u = group.size()
     send = x.unflatten(0, (u, -1)).contiguous()
     del x  # a caller that passes a temporary gets its memory back once it is sent
@@ -105,9 +121,13 @@ def sequence_to_heads(
     del send
     s, b, _, d = recv.shape[1:]
     parts, offset = [], 0
-    for width in widths:
+    for i, width in enumerate(widths):
         block = recv[..., offset : offset + width, :]
-        parts.append(block.movedim(0, 2).reshape(s, b, u * width, d))
+        if into is None:
+            parts.append(block.movedim(0, 2).reshape(s, b, u * width, d))
+        else:
+            into[i].unflatten(2, (u, -1))[:, :, :, select[i]].copy_(block.movedim(0, 2))
+            parts.append(into[i])
         offset += width
     return parts
 

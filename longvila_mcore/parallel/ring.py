@@ -47,6 +47,9 @@ from longvila_mcore.parallel.local_attention import (
     segments,
 )
 
+# K and V of one block: one `[2, t, h, d]` tensor (what the ring sends) or a (k, v) pair.
+KV = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
 # Distinct tags keep the K/V and dK/dV streams apart on backends that match messages by tag.
 _KV_TAG, _GRAD_TAG = 0, 1
 
@@ -76,6 +79,17 @@ def merge_partial(
     weight = torch.sigmoid(block_lse - lse).t().unsqueeze(-1)
     out = out - weight * (out - block_out.to(out.dtype))
     return out, lse - F.logsigmoid(lse - block_lse)
+
+
+def merge_partial_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> torch.Tensor:
+    """`merge_partial` with `out` updated in place (one temporary of its size instead of three);
+    returns the merged lse."""
+    block_lse = block_lse.to(lse.dtype)
+    weight = torch.sigmoid(block_lse - lse).t().unsqueeze(-1)
+    out.sub_(torch.sub(out, block_out).mul_(weight))
+    return lse - F.logsigmoid(lse - block_lse)
 
 
 class Rows:
@@ -133,17 +147,16 @@ def ring_layout(local_lengths: tuple[int, ...], batch: int, device: torch.device
     return RingLayout(local_lengths, batch, device)
 
 
-def _visiting_blocks(
-    k: torch.Tensor, v: torch.Tensor, group: ProcessGroup
-) -> Iterator[tuple[int, list[torch.Tensor]]]:
+def _visiting_blocks(kv: KV, group: ProcessGroup) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """(source rank, [kv `[2, t, h, d]`]) of every other rank's K/V block, in ring order. The
     first transfer starts here, before the caller computes with its own block; each next one
     starts before the current block is handed out. The block comes in a list the caller pops,
-    so that the caller alone holds it and frees it as soon as it is done with it."""
+    so that the caller alone holds it and frees it as soon as it is done with it. A `[2, t, h,
+    d]` block is sent as it is; a (k, v) pair is stacked into one first (a copy)."""
     rank, size = group.rank(), group.size()
-    block = torch.stack([k, v])
+    block = kv if isinstance(kv, torch.Tensor) else torch.stack(kv)
     transfer = ring_shift_start([block], [torch.empty_like(block)], group, tag=_KV_TAG)
-    del block  # the transfer keeps it alive until it is sent
+    del block, kv  # the transfer keeps it alive until it is sent
 
     def blocks():
         nonlocal transfer
@@ -162,18 +175,21 @@ def _visiting_blocks(
 
 def ring_forward(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: KV,
     layout: RingLayout,
     group: ProcessGroup,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of this ring rank's zigzag shard (thd): `(out, lse)` in the
-    accumulation dtype (float32, or float64 for float64 inputs)."""
+    accumulation dtype (float32, or float64 for float64 inputs). `kv`: see `KV`; in a list of
+    one, the caller hands its reference over and the block is freed once sent and used."""
     rank, size = group.rank(), group.size()
-    blocks = _visiting_blocks(k, v, group) if size > 1 else iter(())
+    if isinstance(kv, list):  # the caller handed its reference over
+        kv = kv.pop()
+    blocks = _visiting_blocks(kv, group) if size > 1 else iter(())
     full, half, front, back = layout.full, layout.half, layout.front, layout.back
-    out, lse = attention_forward(q, k, v, full, full, True, scale)
+    out, lse = attention_forward(q, kv[0], kv[1], full, full, True, scale)
+    del kv  # sent (the transfer holds it until then) and used
     out = out.to(lse.dtype)
     q_back = back.take(q) if rank < size - 1 else None
     for source, holder in blocks:
@@ -181,20 +197,24 @@ def ring_forward(
         if source < rank:
             kv = front.take(kv, 1)
             block = attention_forward(q, kv[0], kv[1], full, half, False, scale)
-            out, lse = merge_partial(out, lse, *block)
+            del kv
+            lse = merge_partial_(out, lse, *block)
         else:
             block = attention_forward(q_back, kv[0], kv[1], half, full, False, scale)
-            out_back, lse_back = merge_partial(back.take(out), back.take(lse, 1), *block)
-            back.put_(out, 0, out_back)
+            del kv
+            out_back = back.take(out)  # a view of `out` when the back rows are one slice
+            lse_back = merge_partial_(out_back, back.take(lse, 1), *block)
+            if back.index is not None:
+                back.put_(out, 0, out_back)
             back.put_(lse, 1, lse_back)
+        del block
     return out, lse
 
 
 def ring_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: KV,
     out: torch.Tensor,
     lse: torch.Tensor,
     layout: RingLayout,
@@ -210,10 +230,12 @@ def ring_backward(
     rank, size = group.rank(), group.size()
     full, half, front, back = layout.full, layout.half, layout.front, layout.back
     acc = lse.dtype
+    k, v = kv[0], kv[1]
     if size == 1:
         grads = attention_backward(dout, q, k, v, out, lse, full, full, True, scale)
         return [g.to(acc) for g in grads]
-    blocks = _visiting_blocks(k, v, group)
+    blocks = _visiting_blocks(kv, group)
+    del kv
     dq = arriving = None  # arriving: the dK/dV sums of the current block, from the previous rank
     for source, holder in blocks:
         kv = holder.pop()
