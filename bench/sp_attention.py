@@ -120,7 +120,7 @@ class _PrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, chunks, scale):
         from longvila_mcore.parallel.local_attention import attention_forward
-        from longvila_mcore.parallel.ring import merge_partial
+        from longvila_mcore.parallel.ring import merge_partial_
 
         out = torch.empty_like(q)
         lse = q.new_empty((q.shape[1], q.shape[0]))
@@ -132,7 +132,7 @@ class _PrefixAttention(torch.autograd.Function):
                 prefix = attention_forward(
                     qc, k[:start], v[:start], [0, n], [0, start], False, scale
                 )
-                o, l_ = merge_partial(o, l_, *prefix)
+                l_ = merge_partial_(o, l_, *prefix)
             out[rows], lse[:, rows] = o, l_
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (chunks, scale)

@@ -66,26 +66,16 @@ def unfold_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.view(batch, t // batch, h, d).transpose(0, 1)
 
 
-def merge_partial(
+def merge_partial_(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the union of two disjoint key sets from the attention over each.
+) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from the attention over each, written
+    into `out` (one temporary of its size); returns the merged lse.
 
     `out` `[t, h, d]` and `lse` `[h, t]` are the running result (in the accumulation dtype); the
     block's are cast to it. Stable form of `lse' = log(exp(lse) + exp(lse_b))`,
     `out' = exp(lse - lse') out + exp(lse_b - lse') out_b`.
     """
-    block_lse = block_lse.to(lse.dtype)
-    weight = torch.sigmoid(block_lse - lse).t().unsqueeze(-1)
-    out = out - weight * (out - block_out.to(out.dtype))
-    return out, lse - F.logsigmoid(lse - block_lse)
-
-
-def merge_partial_(
-    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
-) -> torch.Tensor:
-    """`merge_partial` with `out` updated in place (one temporary of its size instead of three);
-    returns the merged lse."""
     block_lse = block_lse.to(lse.dtype)
     weight = torch.sigmoid(block_lse - lse).t().unsqueeze(-1)
     out.sub_(torch.sub(out, block_out).mul_(weight))
