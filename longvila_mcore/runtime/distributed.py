@@ -31,12 +31,13 @@ def _process_groups() -> list[dist.ProcessGroup]:
 
 
 def destroy_model_parallel() -> None:
-    """Forget Megatron's layout and destroy the groups it created (collective over the world).
+    """Forget Megatron's layout and destroy the groups it created (a local call; every rank makes
+    it before the collective creation of the next layout's groups).
 
     Megatron's `destroy_model_parallel` only drops its references: torch keeps every group, and
     on gloo each one keeps two threads per rank alive (57 threads per layout at tp 2 x ulysses 2
-    of 4 ranks), so a process that tries several layouts (tests, a planner) would accumulate
-    hundreds of threads and slow every later collective.
+    of 4 ranks), so a process that tries several layouts (tests, the planner's memory probes)
+    would accumulate hundreds of threads and slow every later collective.
     """
     from megatron.core import parallel_state
 
